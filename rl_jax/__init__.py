@@ -1,0 +1,1 @@
+"""rl_jax: a JAX/Flax reimplementation of the DeepSeek-R1 stack."""
