@@ -274,3 +274,26 @@ def from_dict(data: dict[str, Any]) -> ModelConfig:
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+PRESET_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def preset_names() -> list[str]:
+  return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """A named preset from configs/models/ (or a path to a YAML file), with field overrides."""
+  import os
+
+  import yaml
+  path = name if name.endswith((".yaml", ".yml")) and os.path.exists(name) else PRESET_DIR / f"{name}.yaml"
+  if not os.path.exists(path):
+    hint = difflib.get_close_matches(name, preset_names(), n=1)
+    raise ValueError(f"unknown model preset '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else
+                                                         f" (presets: {', '.join(preset_names())})"))
+  with open(path) as f:
+    data = yaml.safe_load(f) or {}
+  data.update(overrides)
+  return from_dict(data)
