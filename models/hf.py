@@ -170,7 +170,7 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
 
   for spec in specs:
     var = flat[spec.path]
-    shape, target = var.value.shape, var.value.dtype
+    shape, target = var.get_value().shape, var.get_value().dtype
     n_in = spec.n_in
     stacked = len(spec.hf) > 1
     per = shape[1:] if stacked else shape
@@ -187,9 +187,9 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
       return np.asarray(_lin_to_ours(read(spec.hf[0]), per, n_in)[index]).astype(target)
 
     sharding = shardings[spec.path] if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    var.value = jax.make_array_from_callback(shape, sharding, build)
+    var.set_value(jax.make_array_from_callback(shape, sharding, build))
   # Non-parameter state that has no HF tensor (none today) would stay abstract: refuse rather than guess.
-  leftover = [p for p, v in flat.items() if isinstance(v.value, jax.ShapeDtypeStruct)]
+  leftover = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
   if leftover:
     raise CheckpointError(f"internal: no HF tensor maps to {'.'.join(map(str, leftover[0]))}")
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -230,10 +230,10 @@ def save_hf(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int =
   tensors = []  # (name, shape, dtype, produce)
 
   def fetch(p):
-    return np.asarray(jax.device_get(flat[p].value))
+    return np.asarray(jax.device_get(flat[p].get_value()))
 
   for spec in param_specs(cfg):
-    arr = flat[spec.path].value
+    arr = flat[spec.path].get_value()
     out_dt = np.dtype(dtype) if dtype is not None and spec.path[-1] not in ("router", "bias") else np.dtype(arr.dtype)
     per = arr.shape[1:] if len(spec.hf) > 1 else arr.shape
     for e, name in enumerate(spec.hf):
@@ -241,7 +241,7 @@ def save_hf(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int =
       tensors.append((name, _hf_shape(per, spec.n_in), out_dt,
                       lambda p=spec.path, sel=sel, n=spec.n_in: _ours_to_hf(fetch(p)[sel], n)))
   for name, (p, n_in) in _mtp_copies(cfg).items():
-    arr = flat[p].value
+    arr = flat[p].get_value()
     out_dt = np.dtype(dtype) if dtype is not None else np.dtype(arr.dtype)
     tensors.append((name, _hf_shape(arr.shape, n_in), out_dt, lambda p=p, n=n_in: _ours_to_hf(fetch(p), n)))
 
