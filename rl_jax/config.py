@@ -371,4 +371,35 @@ class RunConfig:
 
 def load_run_config(path: str | os.PathLike | None = None,
                     overrides: typing.Iterable[str] = ()) -> RunConfig:
-    return load(RunConfig, path, overrides)
+    """Load a run config; ``model.key=value`` overrides tweak a preset named by ``model: NAME``."""
+    overrides = list(overrides)
+    if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+        base = load(RunConfig, path).model
+        if isinstance(base, str):
+            overrides.insert(0, f"model={{preset: {base}}}")
+    cfg = load(RunConfig, path, overrides)
+    model_config(cfg)  # validate the model section now, with its dotted key names
+    return cfg
+
+
+def model_config(cfg: RunConfig):
+    """Resolve ``cfg.model`` (preset name, ``{preset: NAME, ...overrides}`` or a full mapping)."""
+    from models.config import ModelConfig, from_dict as model_from_dict, preset
+    spec = cfg.model
+    try:
+        if isinstance(spec, ModelConfig):
+            return spec
+        if isinstance(spec, str):
+            return preset(spec)
+        spec = dict(spec)
+        if "preset" in spec:
+            name = spec.pop("preset")
+            rope = spec.pop("rope", None)
+            base = preset(name)
+            if rope is not None:
+                spec["rope"] = {**to_dict(base.rope), **dict(rope)}
+            return model_from_dict({**to_dict(base), **spec})
+        return model_from_dict(spec)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("model config key '", "config key 'model.").replace("did you mean '", "did you mean 'model.")
+        raise ConfigError(msg) from None

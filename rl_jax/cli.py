@@ -1,0 +1,163 @@
+"""`rl-jax <command>`: thin entry points over the library.
+
+Training-style commands share one schema:
+    rl-jax <command> --config FILE [--run-dir DIR] [--init CHECKPOINT] [key.path=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", help="run config YAML (configs/*.yaml)")
+  p.add_argument("--run-dir", help="where checkpoints, metrics and plots go")
+  p.add_argument("--init", help="checkpoint to initialise the weights from")
+  p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+
+
+def _run_config(args):
+  from rl_jax.config import load_run_config
+  overrides = list(args.overrides)
+  if args.run_dir:
+    overrides.append(f"run_dir={args.run_dir}")
+  if args.init:
+    overrides.append(f"init={args.init}")
+  return load_run_config(args.config, overrides)
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_convert(args) -> None:
+  import jax.numpy as jnp
+
+  import models
+  from rl_jax import checkpoint
+  t0 = time.time()
+  model = models.load_hf(args.hf, dtype=jnp.dtype(args.dtype))
+  tok = args.hf if os.path.exists(os.path.join(args.hf, "tokenizer.json")) else None
+  checkpoint.save_model(args.out, model, tokenizer_dir=tok, meta={"source": os.path.abspath(args.hf)})
+  n = models.count_params(model)
+  print(f"converted {args.hf} -> {args.out}: {model.cfg.arch}, {n / 1e6:.2f}M params, {args.dtype}"
+        f"{', tokenizer' if tok else ''} ({time.time() - t0:.1f}s)")
+
+
+def cmd_export(args) -> None:
+  import models
+  from rl_jax import checkpoint
+  model = checkpoint.load_model(args.checkpoint)
+  models.save_hf(model, args.hf_out, dtype=args.dtype, tokenizer_dir=checkpoint.tokenizer_dir(args.checkpoint))
+  print(f"exported {args.checkpoint} -> {args.hf_out} (config.json + safetensors)")
+
+
+def cmd_init(args) -> None:
+  """A randomly initialised model from a preset, as an rl-jax checkpoint and/or a HF directory."""
+  import models
+  from models.config import preset
+  from rl_jax import checkpoint
+  overrides = {}
+  for o in args.set or []:
+    import yaml
+    k, v = o.split("=", 1)
+    overrides[k] = yaml.safe_load(v)
+  cfg = preset(args.model, **overrides)
+  model = models.build(cfg, seed=args.seed)
+  tok_dir = None
+  if args.tokenizer:
+    tok_dir = args.tokenizer
+  if args.out:
+    checkpoint.save_model(args.out, model, tokenizer_dir=tok_dir)
+    print(f"wrote checkpoint {args.out}")
+  if args.hf_out:
+    models.save_hf(model, args.hf_out, tokenizer_dir=tok_dir)
+    print(f"wrote Hugging Face directory {args.hf_out}")
+  print(f"{args.model}: {models.count_params(model) / 1e6:.3f}M params")
+
+
+def cmd_info(args) -> None:
+  import json
+
+  from rl_jax import checkpoint
+  cfg = checkpoint.read_model_config(args.checkpoint)
+  counts = cfg.param_counts()
+  print(json.dumps({"model": checkpoint.config_to_json(cfg), "latest_step": checkpoint.latest_step(args.checkpoint),
+                    "params_total": counts["total"] + counts["mtp"], "params_active": counts["active"],
+                    "tokenizer": checkpoint.tokenizer_dir(args.checkpoint)}, indent=2))
+
+
+def cmd_generate(args) -> None:
+  from rl_jax import checkpoint, sampling
+  from rl_jax.data import tokenizer as toks
+  model = checkpoint.load_model(args.checkpoint)
+  tdir = checkpoint.tokenizer_dir(args.checkpoint)
+  if tdir is None:
+    raise SystemExit(f"error: {args.checkpoint} has no tokenizer/; pass --prompt-ids instead of --prompt")
+  tok = toks.load(tdir)
+  vocab = toks.vocab(tok)
+  prompt = toks.encode(tok, args.prompt)
+  res = sampling.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, eos_id=vocab.eos_id, seed=args.seed,
+                          num_samples=args.num_samples)
+  for i in range(len(res.lengths)):
+    ids = [int(t) for t in res.tokens[i, :res.lengths[i]]]
+    text = toks.decode(tok, ids)
+    print(f"--- sample {i} ({res.lengths[i]} tokens, mean logprob {res.logprobs[i, :res.lengths[i]].mean():.3f})")
+    print(args.prompt + text)
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="rl-jax", description=__doc__.splitlines()[0])
+  sub = ap.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("convert", help="Hugging Face directory -> rl-jax checkpoint")
+  p.add_argument("--hf", required=True, help="local HF directory (config.json + safetensors)")
+  p.add_argument("--out", required=True, help="checkpoint directory to write")
+  p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  p.set_defaults(fn=cmd_convert)
+
+  p = sub.add_parser("export", help="rl-jax checkpoint -> Hugging Face directory")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--hf-out", required=True)
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: as stored")
+  p.set_defaults(fn=cmd_export)
+
+  p = sub.add_parser("init", help="random init from a preset (demos, tests, benchmarks)")
+  p.add_argument("--model", required=True, help="preset name (configs/models/) or YAML path")
+  p.add_argument("--out", help="rl-jax checkpoint directory to write")
+  p.add_argument("--hf-out", help="Hugging Face directory to write")
+  p.add_argument("--tokenizer", help="directory with tokenizer.json to bundle")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
+  p.set_defaults(fn=cmd_init)
+
+  p = sub.add_parser("info", help="describe a checkpoint")
+  p.add_argument("--checkpoint", required=True)
+  p.set_defaults(fn=cmd_info)
+
+  p = sub.add_parser("generate", help="sample from a checkpoint")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--num-samples", type=int, default=1)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=cmd_generate)
+  return ap
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except (ValueError, FileNotFoundError) as e:   # config / checkpoint / data errors: one line, no traceback
+    print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
