@@ -59,10 +59,17 @@ class Rope:
   """Holds the frequency table; `cos_sin(positions_BT)` -> (cos, sin) each [B, T, dim/2] float32."""
 
   def __init__(self, cfg: ModelConfig):
+    self.key = (cfg.rope, cfg.rope_dim)   # value equality: equal configs give equal graphdefs (jit cache hits)
     inv, att = inv_frequencies(cfg.rope, cfg.rope_dim)
     self.inv_freq = inv
     self.attention_factor = att
     self.interleave = cfg.rope.interleave
+
+  def __eq__(self, other):
+    return isinstance(other, Rope) and self.key == other.key
+
+  def __hash__(self):
+    return hash(self.key)
 
   def cos_sin(self, positions_BT):
     ang = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(self.inv_freq)

@@ -1,0 +1,201 @@
+"""Sampling: one jitted prefill + `lax.while_loop` decode over a preallocated cache, per shape bucket.
+
+`generate(model, prompts, ...)` pads the batch, the longest prompt and the budget up to power-of-two
+buckets, so a new request shape rarely recompiles. Prompts are right-padded: the whole padded batch is
+prefilled once with positions 0..P-1, each row's first token comes from its logits at len-1, and row b
+then decodes at positions len_b, len_b + 1, ... (its pad slots are overwritten before they are seen).
+
+Every row draws from its own key, `fold_in(fold_in(key(seed), global_row), step)`, so a row's sample
+depends only on (seed, its index in the result, its prompt), never on its batch neighbours. Log-probs
+are those of the model's unmodified distribution (temperature 1, no top-k/top-p): GRPO's old log-probs.
+For MoE models the routed experts of every generated (and prompt) token are returned for replay.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PAD_ID = 0
+MIN_BUCKET = 8
+
+
+class SampleResult(NamedTuple):
+  tokens: np.ndarray                 # int32 [N, max_new_tokens]; PAD_ID after a row's end (EOS included)
+  logprobs: np.ndarray               # float32 [N, max_new_tokens]; unmodified log p(token); 0 after the end
+  lengths: np.ndarray                # int32 [N]; generated tokens, EOS counted
+  experts: np.ndarray | None         # int32 [N, max_new_tokens, n_moe_layers, K]; None for dense models
+  prompt_experts: np.ndarray | None  # int32 [N, max_prompt_len, n_moe_layers, K]; 0 past a prompt's end
+
+
+class _State(NamedTuple):
+  """The decode loop carry. Step t feeds token t-1 (recording its experts) and samples token t."""
+  t: jax.Array               # int32 []
+  tokens: jax.Array          # int32 [B, N]
+  logprobs: jax.Array        # float32 [B, N]
+  experts: Any               # int32 [B, N, L, K] or None
+  lengths: jax.Array         # int32 [B]
+  done: jax.Array            # bool [B]: no more tokens will be sampled for this row
+  cache: Any                 # per-layer cache, [B, P + N, ...]
+
+
+def bucket(n: int) -> int:
+  """Smallest power of two >= max(n, MIN_BUCKET)."""
+  return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ------------------------------------------------------------------ token selection
+def sample_logits(logits_BV, key_B, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+  """Draws one token per row: temperature, then top-k, then top-p (nucleus) on the tempered, top-k
+  renormalised distribution. temperature == 0 is greedy. Settings are Python scalars (static);
+  ties at a top-k / top-p threshold are all kept."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / temperature
+  V = logits_BV.shape[-1]
+  if 0 < top_k < V:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    n_keep_B = jnp.maximum(jnp.sum(mass_before_BV < top_p, axis=-1), 1)
+    cut_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV >= cut_B1, logits_BV, -jnp.inf)
+  return jax.vmap(jax.random.categorical)(key_B, logits_BV).astype(jnp.int32)
+
+
+def _token_logprob(logits_BV, tok_B):
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1), tok_B[:, None], -1)[:, 0]
+
+
+def _stack_experts(routing):
+  """Routing per MoE layer [B, T, K] -> [B, T, L, K] int32 (None for dense models)."""
+  if not routing:
+    return None
+  return jnp.stack([r.experts_TK for r in routing], axis=2).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ the jitted program
+def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_B, seed, max_new, eos_id, *,
+                     budget: int, temperature: float, top_k: int, top_p: float):
+  """prompts [B, P] right-padded; prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
+  for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars."""
+  model = nnx.merge(graphdef, state)
+  B, P = prompts_BP.shape
+  N = budget
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)   # loop constants
+
+  def select(logits_BV, t, done_B):
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B)
+    tok_B = sample_logits(logits_BV, step_keys, temperature, top_k, top_p)
+    active_B = ~done_B & (t < max_new)
+    tok_B = jnp.where(active_B, tok_B, PAD_ID)
+    lp_B = jnp.where(active_B, _token_logprob(logits_BV, tok_B), 0.0)
+    return tok_B, lp_B, active_B
+
+  # PREFILL: the whole padded batch at once; each row's next-token logits sit at index len-1.
+  cache = model.init_cache(B, P + N)
+  positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  out = model.forward(prompts_BP, positions_BT=positions_BP, cache=cache, last_only=True)
+  h_BD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  logits_BV = model.head(h_BD[:, None])[:, 0]
+  prompt_experts = _stack_experts(out.routing)
+  tok_B, lp_B, active_B = select(logits_BV, 0, ~real_B)
+  experts = None
+  if prompt_experts is not None:
+    experts = jnp.zeros((B, N) + prompt_experts.shape[2:], jnp.int32)
+  lengths_B = active_B.astype(jnp.int32)
+  s = _State(t=jnp.int32(1), tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B),
+             logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B), experts=experts, lengths=lengths_B,
+             done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new), cache=out.cache)
+
+  # DECODE: MoE models take one extra step so the last sampled token's routing gets recorded too.
+  def cond(s: _State):
+    if s.experts is None:
+      return jnp.any(~s.done)
+    return jnp.any(s.lengths >= s.t)        # some row still has an unfed token t-1
+
+  def body(s: _State):
+    t = s.t
+    prev_B = s.tokens[:, t - 1]
+    pos_B1 = (prompt_len_B + t - 1)[:, None]
+    out = model.forward(prev_B[:, None], positions_BT=pos_B1, cache=s.cache)
+    experts = s.experts
+    if experts is not None:
+      fed_B = s.lengths >= t
+      step_experts = _stack_experts(out.routing)[:, 0]                           # [B, L, K]
+      old = experts[:, t - 1]
+      experts = experts.at[:, t - 1].set(jnp.where(fed_B[:, None, None], step_experts, old))
+    tok_B, lp_B, active_B = select(out.logits_BTV[:, 0], t, s.done)
+    lengths_B = s.lengths + active_B
+    done_B = s.done | (active_B & (tok_B == eos_id)) | (lengths_B >= max_new)
+    # t == N only happens on the MoE feed-only step: 'drop' discards that out-of-range write.
+    return _State(t=t + 1, tokens=s.tokens.at[:, t].set(tok_B, mode="drop"),
+                  logprobs=s.logprobs.at[:, t].set(lp_B, mode="drop"), experts=experts, lengths=lengths_B,
+                  done=done_B, cache=out.cache)
+
+  s = jax.lax.while_loop(cond, body, s)
+  if prompt_experts is not None:
+    in_prompt = jnp.arange(P)[None, :] < prompt_len_B[:, None]
+    prompt_experts = jnp.where(in_prompt[:, :, None, None], prompt_experts, 0)
+  return s.tokens, s.logprobs, s.lengths, s.experts, prompt_experts
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float, top_k: int, top_p: float):
+  """The jitted sampler for one (model structure, bucket, sampling settings): built once, then reused."""
+  key = (graphdef, batch, prompt, budget, float(temperature), int(top_k), float(top_p))
+  if key not in _COMPILED:
+    def fn(state, *args):
+      return _generate_device(graphdef, state, *args, budget=budget, temperature=float(temperature),
+                              top_k=int(top_k), top_p=float(top_p))
+    _COMPILED[key] = jax.jit(fn)
+  return _COMPILED[key]
+
+
+# ------------------------------------------------------------------ host entry point
+def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int = 0,
+             num_samples: int = 1) -> SampleResult:
+  """Samples `num_samples` completions per prompt (rows p*G .. p*G+G-1 belong to prompt p)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  rows = [list(p) for p in prompts for _ in range(num_samples)]
+  n = len(rows)
+  lens = np.array([len(r) for r in rows], np.int32)
+  B, P, N = bucket(n), bucket(lens.max()), bucket(max_new_tokens)
+
+  # PAD: right-pad prompts to P, rows to B (padding rows: a 1-token prompt, done from the start).
+  tokens_BP = np.full((B, P), PAD_ID, np.int32)
+  for i, r in enumerate(rows):
+    tokens_BP[i, :len(r)] = r
+  len_B = np.ones((B,), np.int32)
+  len_B[:n] = lens
+  real_B = np.arange(B) < n
+
+  graphdef, state = nnx.split(model)
+  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p)
+  eos = -1 if eos_id is None else int(eos_id)
+  tok, lp, length, ex, pex = fn(state, jnp.asarray(tokens_BP), jnp.asarray(len_B),
+                                jnp.arange(B, dtype=jnp.int32), jnp.asarray(real_B), jnp.uint32(seed),
+                                jnp.int32(max_new_tokens), jnp.int32(eos))
+  tok, lp, length, ex, pex = jax.device_get((tok, lp, length, ex, pex))
+  T = max_new_tokens
+  return SampleResult(
+      tokens=np.asarray(tok[:n, :T], np.int32), logprobs=np.asarray(lp[:n, :T], np.float32),
+      lengths=np.asarray(length[:n], np.int32),
+      experts=None if ex is None else np.asarray(ex[:n, :T], np.int32),
+      prompt_experts=None if pex is None else np.asarray(pex[:n, :int(lens.max())], np.int32))
