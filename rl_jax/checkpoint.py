@@ -124,3 +124,51 @@ def load_model(directory: str, *, step: int | None = None, mesh=None, rules=None
 def tokenizer_dir(directory: str) -> str | None:
   d = os.path.join(directory, "tokenizer")
   return d if os.path.exists(os.path.join(d, "tokenizer.json")) else None
+
+
+# --------------------------------------------------------------------------------------- training state
+def save_train(mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str, Any], data_state=None,
+               run_dir: str | None = None) -> None:
+  """Saves params (+ router bias) as `params` (what load_model reads), optimizer/step/RNG as `train`,
+  configs as `meta`, and this process's data-iterator state as JSON beside the checkpoints."""
+  if data_state is not None and run_dir is not None:
+    d = os.path.join(run_dir, "data_state")
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".step_{step}_proc_{jax.process_index()}.json")
+    with open(tmp, "w") as f:
+      json.dump(data_state, f)
+    os.replace(tmp, os.path.join(d, f"step_{step}_proc_{jax.process_index()}.json"))
+  full = nnx.merge_state(state.params, state.bias).to_pure_dict()
+  train = {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
+  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(full), train=ocp.args.StandardSave(train),
+                                          meta=ocp.args.JsonSave({"step": int(step), **meta})))
+
+
+def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, run_dir: str | None = None):
+  """Restores a TrainState saved by `save_train` onto `shardings` (any mesh); returns (state, data_state)."""
+  def target(abs_tree, sh_tree):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_tree, sh_tree)
+
+  full_abs = nnx.merge_state(abstract_state.params, abstract_state.bias)
+  full_sh = nnx.merge_state(shardings.params, shardings.bias)
+  train_abs = {"step": abstract_state.step, "rng": abstract_state.rng, "opt_state": abstract_state.opt_state}
+  train_sh = {"step": shardings.step, "rng": shardings.rng, "opt_state": shardings.opt_state}
+  try:
+    r = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target(full_abs.to_pure_dict(), full_sh.to_pure_dict())),
+        train=ocp.args.StandardRestore(target(train_abs, train_sh))))
+  except Exception as e:
+    raise ValueError(f"{mngr.directory}: cannot restore step {step}: {str(e).splitlines()[0][:300]}") from None
+  nnx.replace_by_pure_dict(full_abs, r["params"])
+  params = nnx.filter_state(full_abs, nnx.Param)
+  from models.layers import RouterBias
+  bias = nnx.filter_state(full_abs, RouterBias)
+  state = type(abstract_state)(step=r["train"]["step"], params=params, bias=bias,
+                               opt_state=r["train"]["opt_state"], rng=r["train"]["rng"])
+  data_state = None
+  if run_dir is not None:
+    p = os.path.join(run_dir, "data_state", f"step_{step}_proc_{jax.process_index()}.json")
+    if os.path.exists(p):
+      with open(p) as f:
+        data_state = json.load(f)
+  return state, data_state
