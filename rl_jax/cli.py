@@ -94,7 +94,7 @@ def cmd_generate(args) -> None:
   if tdir is None:
     raise SystemExit(f"error: {args.checkpoint} has no tokenizer/; pass --prompt-ids instead of --prompt")
   tok = toks.load(tdir)
-  vocab = toks.vocab(tok)
+  vocab = toks.Vocab.from_tokenizer(tok)
   prompt = toks.encode(tok, args.prompt)
   res = sampling.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, eos_id=vocab.eos_id, seed=args.seed,
@@ -104,6 +104,25 @@ def cmd_generate(args) -> None:
     text = toks.decode(tok, ids)
     print(f"--- sample {i} ({res.lengths[i]} tokens, mean logprob {res.logprobs[i, :res.lengths[i]].mean():.3f})")
     print(args.prompt + text)
+
+
+def cmd_pretrain(args) -> None:
+  from rl_jax.train import loop
+  run = _run_config(args)
+  last = loop.train(run, stage=args.command)
+  if last:
+    print(f"{args.command} done: step {last['step']}, loss {last['loss']:.4f} -> {run.run_dir or 'runs/' + args.command}")
+
+
+def cmd_bench(args) -> None:
+  import json
+
+  from rl_jax import bench
+  if args.what == "train":
+    print(json.dumps(bench.bench_train(_run_config(args), steps=args.steps), indent=2))
+  else:
+    bench.bench_sample(presets=tuple(args.presets.split(",")), batches=tuple(int(b) for b in args.batches.split(",")),
+                       new_tokens=args.new_tokens)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -146,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=cmd_generate)
+
+  for name, text in (("pretrain", "pretrain (next-token + MTP, aux-loss-free balancing); resumes"),
+                     ("extend", "YaRN context extension: a pretrain stage with model.rope.type=yarn")):
+    p = sub.add_parser(name, help=text)
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_pretrain)
+
+  p = sub.add_parser("bench", help="benchmarks: train (MFU) or sample (tokens/s)")
+  p.add_argument("what", choices=["train", "sample"])
+  _add_run_args(p)
+  p.add_argument("--steps", type=int, default=5, help="timed train steps")
+  p.add_argument("--presets", default="tiny-moe,small-moe", help="sample: model presets")
+  p.add_argument("--batches", default="1,16,64", help="sample: batch sizes")
+  p.add_argument("--new-tokens", type=int, default=256)
+  p.set_defaults(fn=cmd_bench)
   return ap
 
 

@@ -41,8 +41,8 @@ def prepare_tokenizer(run: RunConfig, run_dir: str, vocab_size: int):
   if src:
     tok = toks.load(src)
   else:
-    tok = toks.train_bpe(pipeline.sample_texts(run.data.source, n=2000, seed=run.data.seed,
-                                               text_field=run.data.text_field), vocab_size=vocab_size)
+    docs = pipeline.document_dataset(run.data.source, seed=run.data.seed, text_field=run.data.text_field)
+    tok = toks.train_bpe((docs[i] for i in range(min(len(docs), 4000))), vocab_size=vocab_size)
   if jax.process_index() == 0:
     toks.save(tok, saved)
   if tok.get_vocab_size() > vocab_size:

@@ -1,0 +1,24 @@
+"""Data: byte-level BPE tokenizer, procedural tasks, packing, checkpointable grain pipelines."""
+
+from rl_jax.data.packing import FIELDS, batches, fill_row, pack, stack
+from rl_jax.data.pipeline import (
+    JsonlSource,
+    PackIterDataset,
+    ProceduralSource,
+    TextFilesSource,
+    document_dataset,
+    make_iterator,
+    restore_state,
+    save_state,
+)
+from rl_jax.data.procedural import KINDS, document_at, documents, problem_at, problems, verify
+from rl_jax.data.tokenizer import (
+    DEFAULT_SPECIALS,
+    TEMPLATE_TAGS,
+    Vocab,
+    decode,
+    encode,
+    load,
+    save,
+    train_bpe,
+)
