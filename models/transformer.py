@@ -83,12 +83,13 @@ class Transformer(nnx.Module):
     return self.embed[...].astype(self.dtype)[tokens_BT]
 
   def forward(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, cache=None, mtp: bool = False,
-              replay_experts=None, last_only: bool = False) -> Output:
+              replay_experts=None, last_only: bool = False, remat: bool = False) -> Output:
     """tokens [B, T] int32. With `cache` (from `init_cache`) tokens are written at slots `positions`.
 
     `segment_ids_BT` keeps packed documents apart; `replay_experts` (one [B, T, K] per MoE layer) forces
     the routing chosen at sampling time; `mtp` also runs the multi-token-prediction modules;
-    `last_only` computes logits for the last position only (prefill)."""
+    `last_only` computes logits for the last position only (prefill); `remat` recomputes each block's
+    activations in the backward pass instead of storing them (training memory for compute)."""
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -97,11 +98,12 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens_BT)
     new_cache, routing = [], []
     moe_i = 0
+    call = _remat_layer if remat else _call_layer
     for i, layer in enumerate(self.layers):
       replay = None
       if layer.is_moe and replay_experts is not None:
         replay, moe_i = replay_experts[moe_i], moe_i + 1
-      x, c, r = layer(x, positions_BT, mask, None if cache is None else cache[i], replay)
+      x, c, r = call(layer, x, positions_BT, mask, None if cache is None else cache[i], replay)
       new_cache.append(c)
       if r is not None:
         routing.append(r)
@@ -124,6 +126,16 @@ class Transformer(nnx.Module):
     """A zeroed cache for `batch` rows of `length` slots (MLA: kv_lora + rope numbers a token a layer)."""
     dtype = dtype or self.dtype
     return [layer.attn.init_cache(batch, length, dtype) for layer in self.layers]
+
+
+def _call_layer(layer, x, positions, mask, cache, replay):
+  return layer(x, positions, mask, cache, replay)
+
+
+def _remat_layer(layer, *args):
+  """jax.checkpoint over a functional view of the layer (forward never writes module state)."""
+  graphdef, state = nnx.split(layer)
+  return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:

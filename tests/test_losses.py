@@ -75,3 +75,24 @@ def test_bias_update_moves_load_toward_balance():
   assert imbalance[0] > 2.5
   assert imbalance[-1] < 1.3
   assert float(bias[0]) < 0 < float(bias[-1])   # overloaded expert pushed down, starved one pulled up
+
+
+def test_remat_gives_the_same_gradients():
+  """train.remat trades memory for compute: gradients must not change."""
+  from flax import nnx
+
+  import models
+  from models.config import preset
+  model = models.build(preset("tiny-moe", vocab_size=64), seed=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)), jnp.int32)
+
+  def loss(p, remat):
+    out = nnx.merge(graphdef, p, rest).forward(ids, mtp=True, remat=remat)
+    return losses.cross_entropy(out.logits_BTV[:, :-1], ids[:, 1:], jnp.ones((2, 11)))
+
+  g0 = jax.jit(jax.grad(lambda p: loss(p, False)))(params)
+  g1 = jax.jit(jax.grad(lambda p: loss(p, True)))(params)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 0

@@ -34,7 +34,7 @@ def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
   def loss_fn(params, bias, batch):
     model = nnx.merge(graphdef, params, bias)
     out = model.forward(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                        mtp=use_mtp)
+                        mtp=use_mtp, remat=train.remat)
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits_BTV, batch["targets"], mask)
     mtp = losses.mtp_loss(out.mtp_logits, batch["targets"], mask, batch["segment_ids"]) if use_mtp else 0.0
