@@ -9,6 +9,8 @@ tokens. Two dispatchers, both product features:
     [E, C, D] buffer (overflow rows are dropped, i.e. contribute zero), then one batched matmul:
     3 * E*C * D * I = 3 * cf * T*K * D * I multiply-adds on every backend.
 Both add O(T*K log(T*K)) for the sort and O(T*K*D) for the gather and the weighted scatter-add.
+Under `jax.set_mesh` with an "expert" mesh axis > 1, sharding.expert_parallel replaces both: experts stay
+on their shard and tokens travel by all-to-all.
 """
 from __future__ import annotations
 
@@ -114,7 +116,11 @@ class MoE(nnx.Module):
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
       r = Routing(w * cfg.routed_scaling_factor, ex, r.scores_TE)
     g, u, dn = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
-    if cfg.moe_capacity_factor is None:
+    from sharding.expert_parallel import expert_mesh, moe_ffn     # models may import sharding
+    mesh = expert_mesh()               # under jax.set_mesh with an "expert" axis > 1: tokens go all-to-all
+    if mesh is not None:
+      y = moe_ffn(x_TD, r.weights_TK, r.experts_TK, g, u, dn, mesh=mesh, capacity_factor=cfg.moe_capacity_factor)
+    elif cfg.moe_capacity_factor is None:
       y = dispatch_dropless(x_TD, r, g, u, dn)
     else:
       y = dispatch_capacity(x_TD, r, g, u, dn, cfg.moe_capacity_factor)
