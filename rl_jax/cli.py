@@ -86,24 +86,61 @@ def cmd_info(args) -> None:
                     "tokenizer": checkpoint.tokenizer_dir(args.checkpoint)}, indent=2))
 
 
+class _TextStream:
+  """Prints a growing token sequence as text: the decoded suffix after each token, holding back while the
+  text ends inside a multi-byte character (byte-level BPE splits them across tokens)."""
+
+  def __init__(self, tok, out):
+    self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+
+  def add(self, token_id: int) -> None:
+    from rl_jax.data import tokenizer as toks
+    self.ids.append(int(token_id))
+    text = toks.decode(self.tok, self.ids)
+    if not text.endswith("\ufffd"):
+      self._show(text)
+
+  def close(self) -> None:
+    from rl_jax.data import tokenizer as toks
+    self._show(toks.decode(self.tok, self.ids))
+    self.out.write("\n")
+    self.out.flush()
+
+  def _show(self, text: str) -> None:
+    if len(text) > self.shown:
+      self.out.write(text[self.shown:])
+      self.out.flush()
+      self.shown = len(text)
+
+
 def cmd_generate(args) -> None:
+  """Streams sample 0 as it is decoded; further samples (--num-samples) print when all are done."""
   from rl_jax import checkpoint, sampling
   from rl_jax.data import tokenizer as toks
-  model = checkpoint.load_model(args.checkpoint)
+  checkpoint.read_model_config(args.checkpoint)        # "not a checkpoint" before "no tokenizer"
   tdir = checkpoint.tokenizer_dir(args.checkpoint)
   if tdir is None:
-    raise SystemExit(f"error: {args.checkpoint} has no tokenizer/; pass --prompt-ids instead of --prompt")
+    raise ValueError(f"{args.checkpoint} has no tokenizer/ to encode --prompt with")
+  # Dropless MoE: capacity dispatch would let the rows of a batch (samples, padding) change each other.
+  model = checkpoint.load_model(args.checkpoint, moe_capacity_factor=None)
   tok = toks.load(tdir)
   vocab = toks.Vocab.from_tokenizer(tok)
-  prompt = toks.encode(tok, args.prompt)
+  prompt = [vocab.bos_id] + toks.encode(tok, args.prompt)      # as the data pipeline encodes documents
+  out = sys.stdout
+  out.write(f"--- sample 0\n{args.prompt}")
+  out.flush()
+  text0 = _TextStream(tok, out)
   res = sampling.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, eos_id=vocab.eos_id, seed=args.seed,
-                          num_samples=args.num_samples)
+                          num_samples=args.num_samples,
+                          stream=lambda tokens, active: text0.add(tokens[0]) if active[0] else None)
+  text0.close()
   for i in range(len(res.lengths)):
-    ids = [int(t) for t in res.tokens[i, :res.lengths[i]]]
-    text = toks.decode(tok, ids)
-    print(f"--- sample {i} ({res.lengths[i]} tokens, mean logprob {res.logprobs[i, :res.lengths[i]].mean():.3f})")
-    print(args.prompt + text)
+    n = int(res.lengths[i])
+    if i:
+      out.write(f"--- sample {i}\n{args.prompt}{toks.decode(tok, res.tokens[i, :n])}\n")
+    out.write(f"[{n} tokens, mean logprob {res.logprobs[i, :n].mean():.3f}]\n")
+  out.flush()
 
 
 def cmd_pretrain(args) -> None:

@@ -9,15 +9,25 @@ Every row draws from its own key, `fold_in(fold_in(key(seed), global_row), step)
 depends only on (seed, its index in the result, its prompt), never on its batch neighbours. Log-probs
 are those of the model's unmodified distribution (temperature 1, no top-k/top-p): GRPO's old log-probs.
 For MoE models the routed experts of every generated (and prompt) token are returned for replay.
+
+Under `jax.set_mesh(mesh)` (parameters placed by `sharding.create_sharded` / `shard_state`) the batch, the
+cache and the loop state are constrained to the batch mesh axes by the logical rules (heads of a GQA
+cache over "tensor"); with no mesh the constraints are no-ops. `stream=` adds an ordered host callback
+to the decode loop (a separate compiled variant: the plain sampler carries no callback).
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
+
+from sharding.rules import constrain, resolve_rules
 
 PAD_ID = 0
 MIN_BUCKET = 8
@@ -82,14 +92,45 @@ def _stack_experts(routing):
   return jnp.stack([r.experts_TK for r in routing], axis=2).astype(jnp.int32)
 
 
+# ------------------------------------------------------------------ sharding and streaming
+# Logical axes of the cache leaves (models/attention.py layouts). The MLA latent is shared by all heads,
+# so only its batch dim is split; a GQA cache also splits its kv heads (over "tensor" by default).
+CACHE_AXES = {"c": ("batch", "seq", None), "k_pe": ("batch", "seq", None),
+              "k": ("batch", "seq", "kv_heads", None), "v": ("batch", "seq", "kv_heads", None)}
+
+
+def _constrain_cache(cache, rules):
+  return [{name: constrain(x, CACHE_AXES[name], rules) for name, x in layer.items()} for layer in cache]
+
+
+def _constrain_state(s: "_State", rules) -> "_State":
+  c = lambda x, *axes: constrain(x, ("batch",) + axes, rules)
+  return s._replace(tokens=c(s.tokens, None), logprobs=c(s.logprobs, None), lengths=c(s.lengths),
+                    done=c(s.done), cache=_constrain_cache(s.cache, rules),
+                    experts=None if s.experts is None else c(s.experts, None, None, None))
+
+
+_SINKS: dict[int, Callable] = {}      # live stream callbacks, by the id passed to the compiled sampler
+_SINK_IDS = itertools.count()
+
+
+def _emit(sink_id, t, tok_B, active_B):
+  sink = _SINKS.get(int(sink_id))
+  if sink is not None:
+    sink(int(t), np.asarray(tok_B), np.asarray(active_B))
+
+
 # ------------------------------------------------------------------ the jitted program
-def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_B, seed, max_new, eos_id, *,
-                     budget: int, temperature: float, top_k: int, top_p: float):
+def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_B, seed, max_new, eos_id,
+                     sink_id=None, *, budget: int, temperature: float, top_k: int, top_p: float, rules=None):
   """prompts [B, P] right-padded; prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
-  for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars."""
+  for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars; with
+  `sink_id` every sampling step calls `_SINKS[sink_id](t, tokens [B], active [B])` on the host, in order."""
   model = nnx.merge(graphdef, state)
   B, P = prompts_BP.shape
   N = budget
+  prompts_BP = constrain(prompts_BP, ("batch", None), rules)
+  prompt_len_B, row_ids_B, real_B = (constrain(x, ("batch",), rules) for x in (prompt_len_B, row_ids_B, real_B))
   keys_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)   # loop constants
 
   def select(logits_BV, t, done_B):
@@ -98,10 +139,13 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
     active_B = ~done_B & (t < max_new)
     tok_B = jnp.where(active_B, tok_B, PAD_ID)
     lp_B = jnp.where(active_B, _token_logprob(logits_BV, tok_B), 0.0)
+    if sink_id is not None:   # replicated first: the host callback reads them whole
+      io_callback(_emit, None, sink_id, t, constrain(tok_B, (None,), rules), constrain(active_B, (None,), rules),
+                  ordered=True)
     return tok_B, lp_B, active_B
 
   # PREFILL: the whole padded batch at once; each row's next-token logits sit at index len-1.
-  cache = model.init_cache(B, P + N)
+  cache = _constrain_cache(model.init_cache(B, P + N), rules)
   positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   out = model.forward(prompts_BP, positions_BT=positions_BP, cache=cache, last_only=True)
   h_BD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
@@ -115,6 +159,7 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
   s = _State(t=jnp.int32(1), tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B),
              logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B), experts=experts, lengths=lengths_B,
              done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new), cache=out.cache)
+  s = _constrain_state(s, rules)
 
   # DECODE: MoE models take one extra step so the last sampled token's routing gets recorded too.
   def cond(s: _State):
@@ -137,9 +182,9 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
     lengths_B = s.lengths + active_B
     done_B = s.done | (active_B & (tok_B == eos_id)) | (lengths_B >= max_new)
     # t == N only happens on the MoE feed-only step: 'drop' discards that out-of-range write.
-    return _State(t=t + 1, tokens=s.tokens.at[:, t].set(tok_B, mode="drop"),
-                  logprobs=s.logprobs.at[:, t].set(lp_B, mode="drop"), experts=experts, lengths=lengths_B,
-                  done=done_B, cache=out.cache)
+    return _constrain_state(_State(t=t + 1, tokens=s.tokens.at[:, t].set(tok_B, mode="drop"),
+                                   logprobs=s.logprobs.at[:, t].set(lp_B, mode="drop"), experts=experts,
+                                   lengths=lengths_B, done=done_B, cache=out.cache), rules)
 
   s = jax.lax.while_loop(cond, body, s)
   if prompt_experts is not None:
@@ -151,26 +196,28 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
 _COMPILED: dict[tuple, Any] = {}
 
 
-def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float, top_k: int, top_p: float):
-  """The jitted sampler for one (model structure, bucket, sampling settings): built once, then reused."""
-  key = (graphdef, batch, prompt, budget, float(temperature), int(top_k), float(top_p))
+def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float, top_k: int, top_p: float,
+             rules: Mapping | None = None, stream: bool = False):
+  """The jitted sampler for one (model structure, bucket, sampling settings, rules, streaming or not):
+  built once, then reused. The streaming variant takes one more argument, the sink id."""
+  rules_key = None if rules is None else tuple(sorted(resolve_rules(rules).items()))
+  key = (graphdef, batch, prompt, budget, float(temperature), int(top_k), float(top_p), rules_key, bool(stream))
   if key not in _COMPILED:
+    table = None if rules_key is None else dict(rules_key)
+
     def fn(state, *args):
       return _generate_device(graphdef, state, *args, budget=budget, temperature=float(temperature),
-                              top_k=int(top_k), top_p=float(top_p))
+                              top_k=int(top_k), top_p=float(top_p), rules=table)
     _COMPILED[key] = jax.jit(fn)
   return _COMPILED[key]
 
 
 # ------------------------------------------------------------------ host entry point
-def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int = 0,
-             num_samples: int = 1) -> SampleResult:
-  """Samples `num_samples` completions per prompt (rows p*G .. p*G+G-1 belong to prompt p)."""
+def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None, seed: int = 0,
+                  num_samples: int = 1):
+  """Buckets (B, P, N) and the sampler's array arguments for `prompts`, padded to the buckets."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   rows = [list(p) for p in prompts for _ in range(num_samples)]
@@ -185,17 +232,44 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   len_B = np.ones((B,), np.int32)
   len_B[:n] = lens
   real_B = np.arange(B) < n
+  eos = -1 if eos_id is None else int(eos_id)
+  args = (jnp.asarray(tokens_BP), jnp.asarray(len_B), jnp.arange(B, dtype=jnp.int32), jnp.asarray(real_B),
+          jnp.uint32(seed), jnp.int32(max_new_tokens), jnp.int32(eos))
+  return (B, P, N), args
+
+
+def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int = 0,
+             num_samples: int = 1, rules: Mapping | None = None,
+             stream: Callable[[np.ndarray, np.ndarray], None] | None = None) -> SampleResult:
+  """Samples `num_samples` completions per prompt (rows p*G .. p*G+G-1 belong to prompt p).
+
+  `rules` overrides the logical sharding rules (used under `jax.set_mesh`). `stream(tokens [n], active [n])`
+  is called on the host after each sampling step, in order, with every row's new token; rows whose
+  `active` is False had already finished (their token is padding)."""
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  (B, P, N), args = device_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
+                                  num_samples=num_samples)
+  n, max_prompt = len(prompts) * num_samples, max(len(p) for p in prompts)
 
   graphdef, state = nnx.split(model)
-  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p)
-  eos = -1 if eos_id is None else int(eos_id)
-  tok, lp, length, ex, pex = fn(state, jnp.asarray(tokens_BP), jnp.asarray(len_B),
-                                jnp.arange(B, dtype=jnp.int32), jnp.asarray(real_B), jnp.uint32(seed),
-                                jnp.int32(max_new_tokens), jnp.int32(eos))
-  tok, lp, length, ex, pex = jax.device_get((tok, lp, length, ex, pex))
+  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p, rules, stream=stream is not None)
+  sink_id = None
+  if stream is not None:
+    sink_id = next(_SINK_IDS)
+    _SINKS[sink_id] = lambda t, tok, active: stream(tok[:n], active[:n]) if active[:n].any() else None
+    args = args + (jnp.int32(sink_id),)
+  try:
+    out = jax.device_get(fn(state, *args))
+    if sink_id is not None:
+      jax.effects_barrier()            # every callback has run before the sink goes
+  finally:
+    _SINKS.pop(sink_id, None)
+  tok, lp, length, ex, pex = out
   T = max_new_tokens
   return SampleResult(
       tokens=np.asarray(tok[:n, :T], np.int32), logprobs=np.asarray(lp[:n, :T], np.float32),
       lengths=np.asarray(length[:n], np.int32),
       experts=None if ex is None else np.asarray(ex[:n, :T], np.int32),
-      prompt_experts=None if pex is None else np.asarray(pex[:n, :int(lens.max())], np.int32))
+      prompt_experts=None if pex is None else np.asarray(pex[:n, :max_prompt], np.int32))
