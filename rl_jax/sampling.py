@@ -52,9 +52,9 @@ class _State(NamedTuple):
   cache: Any                 # per-layer cache, [B, P + N, ...]
 
 
-def bucket(n: int) -> int:
-  """Smallest power of two >= max(n, MIN_BUCKET)."""
-  return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 # ------------------------------------------------------------------ token selection
@@ -223,7 +223,8 @@ def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int 
   rows = [list(p) for p in prompts for _ in range(num_samples)]
   n = len(rows)
   lens = np.array([len(r) for r in rows], np.int32)
-  B, P, N = bucket(n), bucket(lens.max()), bucket(max_new_tokens)
+  # Batch buckets start at 1 (a single CLI request must not pay for 8 rows); lengths start at 8.
+  B, P, N = bucket(n, 1), bucket(lens.max()), bucket(max_new_tokens)
 
   # PAD: right-pad prompts to P, rows to B (padding rows: a 1-token prompt, done from the start).
   tokens_BP = np.full((B, P), PAD_ID, np.int32)

@@ -194,11 +194,12 @@ def test_rows_independent_and_buckets_reused():
   other = generate(model, [a, b], max_new_tokens=9, seed=12)
   assert not np.array_equal(small.tokens, other.tokens)                  # the seed matters
 
-  # Same buckets (batch <= 8, prompt <= 8, budget <= 16): the compiled sampler is reused, not retraced.
+  # Same buckets (batch 2 / 8, prompt <= 8, budget <= 16): the compiled sampler is reused, not retraced.
   n_fns = len(sampling._COMPILED)
   generate(model, [[1, 2], [3, 4, 5, 6, 7, 8]], max_new_tokens=13, seed=11)
   generate(model, [[9]] * 5, max_new_tokens=10, seed=11)
-  assert len(sampling._COMPILED) == n_fns
+  generate(model, [[9]] * 7, max_new_tokens=10, seed=11)
+  assert len(sampling._COMPILED) == n_fns + 1                          # the 5- and 7-row calls share batch 8
   graphdef = nnx.graphdef(model)
   assert sampling.compiled(graphdef, 8, 8, 16, 1.0, 0, 1.0)._cache_size() == 1
 
