@@ -114,11 +114,20 @@ def load_model(directory: str, *, step: int | None = None, mesh=None, rules=None
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   except Exception as e:  # orbax raises many types; name the culprit in one line
-    raise ValueError(f"{directory}: cannot restore params of step {step}: {str(e).splitlines()[0][:300]}") from None
+    raise ValueError(_unreadable(mngr, step, e)) from None
   finally:
     mngr.close()
   nnx.replace_by_pure_dict(abs_state, restored["params"])
   return nnx.merge(graphdef, abs_state)
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> str:
+  """One line naming the step directory, orbax's reason (without TensorStore's spec dump) and a way out."""
+  lines = str(e).strip().splitlines()
+  why = lines[0].split(" See full TensorStore details")[0][:200] if lines else type(e).__name__
+  earlier = [s for s in mngr.all_steps() if s < step]
+  way_out = f"move it away to use step {max(earlier)}" if earlier else "no earlier checkpoint"
+  return f"{os.path.join(str(mngr.directory), str(step))}: checkpoint is unreadable ({why}); {way_out}"
 
 
 def tokenizer_dir(directory: str) -> str | None:
@@ -142,6 +151,12 @@ def save_train(mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str,
   train = {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(full), train=ocp.args.StandardSave(train),
                                           meta=ocp.args.JsonSave({"step": int(step), **meta})))
+  if run_dir is not None:   # drop the iterator states of checkpoints orbax has deleted (checkpoint.keep)
+    d, suffix = os.path.join(run_dir, "data_state"), f"_proc_{jax.process_index()}.json"
+    kept = set(mngr.all_steps()) | {step}
+    for name in os.listdir(d) if os.path.isdir(d) else ():
+      if name.startswith("step_") and name.endswith(suffix) and int(name[5:-len(suffix)]) not in kept:
+        os.remove(os.path.join(d, name))
 
 
 def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, run_dir: str | None = None):
@@ -158,7 +173,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
         params=ocp.args.StandardRestore(target(full_abs.to_pure_dict(), full_sh.to_pure_dict())),
         train=ocp.args.StandardRestore(target(train_abs, train_sh))))
   except Exception as e:
-    raise ValueError(f"{mngr.directory}: cannot restore step {step}: {str(e).splitlines()[0][:300]}") from None
+    raise ValueError(_unreadable(mngr, step, e)) from None
   nnx.replace_by_pure_dict(full_abs, r["params"])
   params = nnx.filter_state(full_abs, nnx.Param)
   from models.layers import RouterBias

@@ -12,8 +12,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import models
 from rl_jax import checkpoint as ckpt
 from rl_jax import report
 from rl_jax.config import RunConfig, model_config, to_dict
@@ -21,6 +23,10 @@ from rl_jax.train import state as S
 from rl_jax.train import step as ST
 from sharding import mesh as smesh
 from sharding import rules as srules
+
+
+class Diverged(FloatingPointError, ValueError):
+  """The loss or the parameters went non-finite; a ValueError so the CLI reports it in one line."""
 
 
 def flops_per_token(cfg) -> float:
@@ -89,14 +95,19 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
   if start is None and run.init:
     init_params = S.split_model(ckpt.load_model(run.init, mesh=mesh, rules=rules,
                                                 param_dtype=mcfg.param_dtype, dtype=mcfg.dtype))[1:]
+    _check_init_shapes(run.init, init_params, mcfg)
   with jax.set_mesh(mesh):
     graphdef, state, shardings, tx = S.init_state(mcfg, run, mesh, rules, init_params)
   if start is not None:
-    state, data_state = ckpt.restore_train(mngr, start, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings, run_dir)
-    if data_state is None:
-      raise ValueError(f"{run_dir}: checkpoint step {start} has no data-iterator state for process "
-                       f"{jax.process_index()}; cannot resume exactly")
+    try:
+      state, data_state = ckpt.restore_train(mngr, start, jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings, run_dir)
+      if data_state is None:
+        raise ValueError(f"{run_dir}: checkpoint step {start} has no data-iterator state for process "
+                         f"{jax.process_index()}; cannot resume exactly")
+    except BaseException:
+      mngr.close()
+      raise
     it.set_state(data_state)
   start = int(start or 0)
 
@@ -118,7 +129,7 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
                                 enabled=jax.process_index() == 0, desc=stage)
   fpt = flops_per_token(mcfg)
   every = run.checkpoint.every
-  pending, last, logged = None, {}, start
+  pending, last, logged, saved = None, {}, start, start
   clock = time.perf_counter()
   try:
     for step in range(start, tcfg.steps):
@@ -127,15 +138,17 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
         state, metrics = jstep(state, batch)
       # Read the previous step's metrics now: the host never waits on the step it just launched.
       if pending is not None and _due(pending[0], tcfg):
-        last = _log(writer, pending, fpt, clock, pending[0] - logged)
+        last = _log(writer, pending, fpt, clock, pending[0] - logged, saved)
         clock, logged = time.perf_counter(), pending[0]
       pending = (step + 1, metrics)
       writer.advance()
       done = step + 1 == tcfg.steps
       if done or (every and (step + 1) % every == 0):
+        _check_finite(step + 1, metrics, saved)   # syncs, but only at saves: never checkpoint a diverged state
         ckpt.save_train(mngr, step + 1, state, meta=meta, data_state=it.get_state(), run_dir=run_dir)
+        saved = step + 1
     if pending is not None and pending[0] != logged:
-      last = _log(writer, pending, fpt, clock, pending[0] - logged)
+      last = _log(writer, pending, fpt, clock, pending[0] - logged, saved)
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -149,12 +162,29 @@ def _due(step, tcfg):
   return step % tcfg.log_every == 0 or step == 1
 
 
-def _log(writer, pending, fpt, clock, n_steps):
+def _check_finite(step, metrics, saved):
+  m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "param_norm") if k in metrics})
+  for k, v in m.items():
+    if not np.isfinite(v):
+      kept = f"newest checkpoint: step {saved}" if saved else "no checkpoint written"
+      raise Diverged(f"{k} is {float(v)} at step {step}; stopped ({kept}; lower optimizer.lr?)")
+
+
+def _check_init_shapes(path, init_params, mcfg):
+  """--init must hold the run's architecture (rope and context length may differ, e.g. `extend`)."""
+  want = nnx.eval_shape(lambda: models.Transformer(mcfg, nnx.Rngs(params=0)))
+  want = jax.tree.map(lambda x: x.shape, nnx.state(want, nnx.Param).to_pure_dict())
+  got = jax.tree.map(lambda x: x.shape, init_params[0].to_pure_dict())
+  if want != got:
+    raise ValueError(f"--init {path}: its parameters do not match the run's model (different architecture; "
+                     f"only rope / max_position_embeddings / dtypes may differ)")
+
+
+def _log(writer, pending, fpt, clock, n_steps, saved):
   """Logs one step's metrics; throughput is over the `n_steps` since the previous log."""
   step, metrics = pending
+  _check_finite(step, metrics, saved)
   m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not np.isfinite(m["loss"]):
-    raise FloatingPointError(f"loss is {m['loss']} at step {step} (last checkpoint kept; lower optimizer.lr?)")
   dt = max(time.perf_counter() - clock, 1e-9)
   m["tokens_per_s"] = m["tokens"] * n_steps / dt
   m["model_flops_per_token"] = fpt

@@ -1,0 +1,89 @@
+"""The train step on 8 fake CPU devices: (data, fsdp, tensor) and (data, expert) meshes train like one device,
+and a checkpoint saved from the 8-device state restores onto one device."""
+from tests._subproc import run_python
+
+SCRIPT = r'''
+import sys, tempfile
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from rl_jax import checkpoint as ckpt
+from rl_jax.config import load_run_config, model_config
+from rl_jax.train import loop, state as S, step as ST
+from sharding import make_mesh
+
+assert jax.device_count() == 8, jax.devices()
+# Dropless MoE: with a capacity factor, what overflows depends on the mesh (sharding/expert_parallel.py).
+run = load_run_config("configs/pretrain_tiny.yaml", [
+    "model.num_hidden_layers=2", "model.moe_capacity_factor=null", "train.batch_size=8", "train.seq_len=16", "train.steps=3",
+    "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=1e-2"])
+mcfg = S.train_model_config(model_config(run), run.train)
+rules = run.mesh.rules
+
+# A FIXED SYNTHETIC BATCH: two packed documents per row (10 + 6 tokens), positions restarting per document.
+B, T = 8, 16
+rng = np.random.default_rng(0)
+seg = np.array([1] * 10 + [2] * 6)
+host = {"tokens": rng.integers(3, mcfg.vocab_size, (B, T)), "targets": rng.integers(3, mcfg.vocab_size, (B, T)),
+        "segment_ids": np.tile(seg, (B, 1)), "positions": np.tile(np.r_[np.arange(10), np.arange(6)], (B, 1)),
+        "loss_mask": np.ones((B, T), np.int32)}
+
+
+def train3(mesh):
+  """3 steps of the jitted step on `mesh` from the same seed; (state, shardings, losses)."""
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings, tx = S.init_state(mcfg, run, mesh, rules)
+    bsh = loop.batch_sharding(mesh, rules)
+    step = ST.make_train_step(graphdef, mcfg, run.train, tx, S.schedule(run.optimizer, run.train.steps))
+    jstep = jax.jit(step, in_shardings=(shardings, {k: bsh for k in ST.BATCH_KEYS}),
+                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+    batch = loop.global_batch(host, bsh, run.train.grad_accum)
+    losses = []
+    for _ in range(3):
+      state, metrics = jstep(state, batch)
+      losses.append(float(metrics["loss"]))
+  return state, shardings, losses
+
+
+def flat(state):
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+one = make_mesh(devices=jax.devices()[:1])
+ref_state, ref_shardings, ref_losses = train3(one)
+ref = flat(ref_state)
+print("1 device", ref_losses)
+for sizes in (dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, expert=4)):
+  mesh = make_mesh(**sizes)
+  state, shardings, losses = train3(mesh)
+  print(sizes, losses)
+  # sharded for real: the MoE layer's gate and the embedding are split across devices
+  gate = state.params["layers"][1]["mlp"]["gate"].get_value()
+  assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape != gate.shape, gate.sharding
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(sizes))
+  got = flat(state)
+  assert got.keys() == ref.keys()
+  worst = max(got, key=lambda k: np.abs(got[k] - ref[k]).max())
+  print(sizes, "max |param - 1 device| =", np.abs(got[worst] - ref[worst]).max(), "at", worst)
+  for k in ref:
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-4, err_msg=f"{sizes} {k}")
+  assert int(state.step) == 3
+
+  # CHECKPOINT: saved from 8 devices, restored onto 1 device, value for value
+  with tempfile.TemporaryDirectory() as d:
+    mngr = ckpt.manager(d, extra_items=[("train", __import__("orbax.checkpoint").checkpoint.StandardCheckpointHandler())])
+    ckpt.save_train(mngr, 3, state, meta={"sizes": sizes})
+    mngr.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, data_state = ckpt.restore_train(mngr, 3, abstract, ref_shardings)
+    mngr.close()
+  assert data_state is None
+  for k, v in flat(restored).items():
+    np.testing.assert_array_equal(v, got[k], err_msg=k)
+  assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(restored))
+print("OK")
+'''
+
+
+def test_meshes_train_like_one_device_and_checkpoint_moves_between_meshes():
+  proc = run_python(["-c", SCRIPT], n_devices=8, timeout=600)
+  assert proc.stdout.strip().endswith("OK"), proc.stdout
