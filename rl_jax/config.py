@@ -330,16 +330,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "procedural"  # "procedural" | jsonl path or glob | "tfds:<name>"
-    tokenizer: str | None = None  # dir with tokenizer.json; None = train byte-level BPE on corpus
-    vocab_size: int = 512       # target vocab when training a tokenizer (or procedural vocab)
+    # "procedural[:kind]" | .jsonl/.txt path, glob or directory | "tfds:<name>[:split]" (ArrayRecord)
+    source: str = "procedural"
+    tokenizer: str | None = None  # dir with tokenizer.json; None = byte-level BPE of model.vocab_size
     text_field: str = "text"    # jsonl field holding the document text
-    pack: bool = True           # concatenate documents into full seq_len rows
-    num_workers: int = 0        # background loader threads; 0 = in the main thread
-    seed: int = 0               # shuffling seed
-
-    def validate(self) -> None:
-        _check(self, "data", vocab_size="> 0", num_workers=">= 0")
+    seed: int = 0               # shuffling seed (documents are always packed into full seq_len rows)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def test_defaults_without_file():
 
 def test_nested_load_and_overrides(tmp_path):
     path = _write(tmp_path, """
-model: {d_model: 64, n_layers: 2}
+model: {preset: tiny-moe, hidden_size: 64, num_hidden_layers: 2}
 mesh: {data: 2, fsdp: -1, rules: {batch: [data, fsdp]}}
 optimizer: {lr: 1.0e-3, schedule: wsd}
 train:
@@ -70,14 +70,15 @@ data:
   source: data/*.jsonl
 checkpoint:
 """)
-    cfg = C.load_run_config(path, ["train.steps=10", "optimizer.lr=1e-4", "data.pack=false",
-                                   "run_dir=/tmp/x", "model.n_layers=4", "mesh.tensor=2"])
+    cfg = C.load_run_config(path, ["train.steps=10", "optimizer.lr=1e-4", "data.seed=3",
+                                   "run_dir=/tmp/x", "model.num_hidden_layers=4", "mesh.tensor=2"])
     assert cfg.train.steps == 10 and cfg.train.batch_size == 16 and cfg.train.grad_accum == 4
     assert cfg.optimizer.lr == 1e-4 and isinstance(cfg.optimizer.lr, float)
     assert cfg.optimizer.schedule == "wsd"
-    assert cfg.data.pack is False and cfg.data.source == "data/*.jsonl"
+    assert cfg.data.seed == 3 and cfg.data.source == "data/*.jsonl"
     assert cfg.run_dir == "/tmp/x"
-    assert cfg.model == {"d_model": 64, "n_layers": 4}
+    assert cfg.model == {"preset": "tiny-moe", "hidden_size": 64, "num_hidden_layers": 4}
+    assert C.model_config(cfg).num_hidden_layers == 4 and C.model_config(cfg).hidden_size == 64
     assert cfg.mesh.rules == {"batch": ["data", "fsdp"]} and cfg.mesh.tensor == 2
     assert cfg.checkpoint == C.CheckpointConfig()  # empty section -> defaults
 
@@ -256,7 +257,7 @@ def test_apply_overrides_deep_copies():
 
 
 def test_round_trip_run_config(tmp_path):
-    cfg = C.load_run_config(None, ["model={d_model: 32}", "mesh.rules={batch: [data]}",
+    cfg = C.load_run_config(None, ["model={preset: tiny-moe, hidden_size: 32}", "mesh.rules={batch: [data]}",
                                    "optimizer.lr=1e-5", "run_dir=runs/x", "train.remat=true",
                                    "mesh.coordinator_address=host:1234"])
     d = C.to_dict(cfg)
