@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from sharding.rules import constrain, resolve_rules
+from sharding.rules import constrain, resolve_rules, shard_count
 
 PAD_ID = 0
 MIN_BUCKET = 8
@@ -214,7 +214,7 @@ def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float,
 
 # ------------------------------------------------------------------ host entry point
 def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None, seed: int = 0,
-                  num_samples: int = 1):
+                  num_samples: int = 1, rules: Mapping | None = None):
   """Buckets (B, P, N) and the sampler's array arguments for `prompts`, padded to the buckets."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -223,8 +223,9 @@ def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int 
   rows = [list(p) for p in prompts for _ in range(num_samples)]
   n = len(rows)
   lens = np.array([len(r) for r in rows], np.int32)
-  # Batch buckets start at 1 (a single CLI request must not pay for 8 rows); lengths start at 8.
-  B, P, N = bucket(n, 1), bucket(lens.max()), bucket(max_new_tokens)
+  # Batch buckets start at 1 (a single CLI request must not pay for 8 rows), or at the number of batch
+  # shards under a mesh so every device gets rows; lengths start at 8.
+  B, P, N = bucket(n, shard_count("batch", rules)), bucket(lens.max()), bucket(max_new_tokens)
 
   # PAD: right-pad prompts to P, rows to B (padding rows: a 1-token prompt, done from the start).
   tokens_BP = np.full((B, P), PAD_ID, np.int32)
@@ -251,7 +252,7 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
   (B, P, N), args = device_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
-                                  num_samples=num_samples)
+                                  num_samples=num_samples, rules=rules)
   n, max_prompt = len(prompts) * num_samples, max(len(p) for p in prompts)
 
   graphdef, state = nnx.split(model)

@@ -132,3 +132,12 @@ def constrain(x, logical_axes, rules: Mapping | None = None):
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, mesh, x.shape))
+
+
+def shard_count(logical_name: str, rules: Mapping | None = None, mesh=None) -> int:
+  """How many ways the active (or given) mesh splits a logical axis: 1 with no mesh."""
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return 1
+  sizes = _mesh_sizes(mesh)
+  return math.prod(sizes.get(a, 1) for a in resolve_rules(rules).get(logical_name, ()) or ())

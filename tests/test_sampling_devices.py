@@ -38,7 +38,7 @@ for name, cfg in (("mla_moe", MLA_CFG), ("gqa", GQA_CFG)):
   with jax.set_mesh(mesh):
     got = sampling.generate(model, PROMPTS, max_new_tokens=T, temperature=0.0)
     got_s = sampling.generate(model, PROMPTS, max_new_tokens=T, temperature=1.0, seed=4, num_samples=2)
-    # SHARDINGS: outputs split over the batch axes; the per-device cache holds 8 / 4 = 2 rows.
+    # SHARDINGS: outputs split over the batch axes (data x fsdp = 4); each device's cache holds B / 4 rows.
     (B, Pb, N), args = sampling.device_inputs(PROMPTS, max_new_tokens=T)
     graphdef, state = nnx.split(model)
     fn = sampling.compiled(graphdef, B, Pb, N, 0.0, 0, 1.0)
@@ -47,10 +47,11 @@ for name, cfg in (("mla_moe", MLA_CFG), ("gqa", GQA_CFG)):
   for x in out:
     if x is not None:
       assert x.sharding.spec[0] == ("data", "fsdp"), x.sharding
+  assert B == 4                                  # 3 rows -> the batch bucket of the 4 batch shards
   cache_rows = set(re.findall(r"f32\[(\d+),%d," % (Pb + N), hlo))
-  assert cache_rows == {"2"}, cache_rows
+  assert cache_rows == {"1"}, cache_rows
   if name == "gqa":   # 2 kv heads over tensor=2: one per device
-    assert "f32[2,%d,1,16]" % (Pb + N) in hlo
+    assert "f32[1,%d,1,16]" % (Pb + N) in hlo
   # SAME SAMPLES as one device
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
