@@ -369,6 +369,11 @@ def load_run_config(path: str | os.PathLike | None = None,
     """Load a run config; ``model.key=value`` overrides tweak a preset named by ``model: NAME``."""
     overrides = list(overrides)
     if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+        # `model.key=value` tweaks a preset named by the YAML or by an earlier `model=NAME` override.
+        for i, o in enumerate(overrides):
+            key, value = parse_override(o)
+            if key == "model" and isinstance(value, str):
+                overrides[i] = f"model={{preset: {value}}}"
         base = load(RunConfig, path).model
         if isinstance(base, str):
             overrides.insert(0, f"model={{preset: {base}}}")
