@@ -9,6 +9,8 @@ tokens. Two dispatchers, both product features:
     [E, C, D] buffer (overflow rows are dropped, i.e. contribute zero), then one batched matmul:
     3 * E*C * D * I = 3 * cf * T*K * D * I multiply-adds on every backend.
 Both add O(T*K log(T*K)) for the sort and O(T*K*D) for the gather and the weighted scatter-add.
+When T*K <= E (decoding a handful of rows), both would touch every expert for a few rows, so the layer
+gathers each assignment's expert weights instead (exact, 3 * T*K * D * I reads and multiply-adds).
 Under `jax.set_mesh` with an "expert" mesh axis > 1, sharding.expert_parallel replaces both: experts stay
 on their shard and tokens travel by all-to-all.
 """
@@ -69,6 +71,15 @@ def dispatch_dropless(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   return jnp.zeros_like(x_TD).at[token].add(ys * w[:, None])
 
 
+def dispatch_gather(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
+  """Gathers each assignment's expert weights: 3 * T*K * D * I multiply-adds AND weight reads, the least
+  possible when T*K <= E (decoding a few rows), where the other dispatchers touch every expert."""
+  e_TK = r.experts_TK
+  h = jax.nn.silu(jnp.einsum("td,tkdi->tki", x_TD, gate_EDI[e_TK])) * jnp.einsum("td,tkdi->tki", x_TD, up_EDI[e_TK])
+  y = jnp.einsum("tki,tkid->tkd", h, down_EID[e_TK])
+  return jnp.einsum("tkd,tk->td", y, r.weights_TK.astype(y.dtype))
+
+
 def dispatch_capacity(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, capacity_factor: float):
   T, K = r.experts_TK.shape
   E, D, _ = gate_EDI.shape
@@ -120,6 +131,8 @@ class MoE(nnx.Module):
     mesh = expert_mesh()               # under jax.set_mesh with an "expert" axis > 1: tokens go all-to-all
     if mesh is not None:
       y = moe_ffn(x_TD, r.weights_TK, r.experts_TK, g, u, dn, mesh=mesh, capacity_factor=cfg.moe_capacity_factor)
+    elif B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:   # static: few rows (decode)
+      y = dispatch_gather(x_TD, r, g, u, dn)
     elif cfg.moe_capacity_factor is None:
       y = dispatch_dropless(x_TD, r, g, u, dn)
     else:
