@@ -9,6 +9,8 @@ tokens. Two dispatchers, both product features:
     [E, C, D] buffer (overflow rows are dropped, i.e. contribute zero), then one batched matmul:
     3 * E*C * D * I = 3 * cf * T*K * D * I multiply-adds on every backend.
 Both add O(T*K log(T*K)) for the sort and O(T*K*D) for the gather and the weighted scatter-add.
+On CPU the dropless default uses `dispatch_buckets` (capacity dispatch sized at run time so nothing
+drops) instead of ragged_dot's dense fallback.
 When T*K <= E (decoding a handful of rows), both would touch every expert for a few rows, so the layer
 gathers each assignment's expert weights instead (exact, 3 * T*K * D * I reads and multiply-adds).
 Under `jax.set_mesh` with an "expert" mesh axis > 1, sharding.expert_parallel replaces both: experts stay
@@ -71,6 +73,24 @@ def dispatch_dropless(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   return jnp.zeros_like(x_TD).at[token].add(ys * w[:, None])
 
 
+def dispatch_buckets(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
+  """Dropless without ragged_dot (for CPU, where XLA computes ragged_dot densely over all experts): a
+  capacity dispatch whose capacity is the smallest power-of-two bucket holding the busiest expert,
+  picked at run time by `lax.switch`, so nothing drops. Costs 3 * E * C_bucket * D * I multiply-adds,
+  between 1x and 2x of the busiest expert's load times E, never more than the dense fallback."""
+  T, K = r.experts_TK.shape
+  E = gate_EDI.shape[0]
+  caps, c = [], 1 << max(0, math.ceil(T * K / E) - 1).bit_length()       # from the mean load, doubling
+  while c < T:
+    caps.append(c)
+    c *= 2
+  caps.append(T)                                                             # an expert serves a token once
+  busiest = jnp.bincount(r.experts_TK.reshape(-1), length=E).max()
+  branch = jnp.searchsorted(jnp.asarray(caps), busiest)                      # first capacity >= busiest
+  fns = [lambda x, c=c: dispatch_capacity(x, r, gate_EDI, up_EDI, down_EID, 0.0, C=c) for c in caps]
+  return jax.lax.switch(branch, fns, x_TD)
+
+
 def dispatch_gather(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   """Gathers each assignment's expert weights: 3 * T*K * D * I multiply-adds AND weight reads, the least
   possible when T*K <= E (decoding a few rows), where the other dispatchers touch every expert."""
@@ -80,10 +100,10 @@ def dispatch_gather(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   return jnp.einsum("tkd,tk->td", y, r.weights_TK.astype(y.dtype))
 
 
-def dispatch_capacity(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, capacity_factor: float):
+def dispatch_capacity(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, capacity_factor: float, *, C=None):
   T, K = r.experts_TK.shape
   E, D, _ = gate_EDI.shape
-  C = max(1, math.ceil(capacity_factor * T * K / E))
+  C = C or max(1, math.ceil(capacity_factor * T * K / E))
   flat, order, sizes = _sort_by_expert(r.experts_TK, E)
   e_sorted = flat[order]
   starts = jnp.cumsum(sizes) - sizes
@@ -133,6 +153,8 @@ class MoE(nnx.Module):
       y = moe_ffn(x_TD, r.weights_TK, r.experts_TK, g, u, dn, mesh=mesh, capacity_factor=cfg.moe_capacity_factor)
     elif B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:   # static: few rows (decode)
       y = dispatch_gather(x_TD, r, g, u, dn)
+    elif cfg.moe_capacity_factor is None and jax.default_backend() == "cpu":
+      y = dispatch_buckets(x_TD, r, g, u, dn)
     elif cfg.moe_capacity_factor is None:
       y = dispatch_dropless(x_TD, r, g, u, dn)
     else:

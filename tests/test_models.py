@@ -8,7 +8,7 @@ import pytest
 
 import models
 from models.config import ModelConfig, RopeConfig, from_dict, preset
-from models.moe import dispatch_capacity, dispatch_dropless, dispatch_gather, route
+from models.moe import dispatch_buckets, dispatch_capacity, dispatch_dropless, dispatch_gather, route
 
 TINY_DS = preset("tiny-moe", vocab_size=256, rope=RopeConfig(
     type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0, interleave=True))
@@ -125,6 +125,10 @@ def test_dispatchers_equal_a_per_token_loop():
   want = _expert_loop(x, r, g, u, d)
   np.testing.assert_allclose(np.asarray(dispatch_dropless(x, r, g, u, d)), want, atol=1e-4)
   np.testing.assert_allclose(np.asarray(dispatch_gather(x, r, g, u, d)), want, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(jax.jit(dispatch_buckets)(x, r, g, u, d)), want, atol=1e-4)
+  skewed = r._replace(experts_TK=jnp.asarray(np.stack([np.zeros(T, int), 1 + np.arange(T) % 7], 1), jnp.int32))
+  np.testing.assert_allclose(np.asarray(dispatch_buckets(x, skewed, g, u, d)),     # expert 0 takes all T
+                             _expert_loop(x, skewed, g, u, d), atol=1e-4)
   np.testing.assert_allclose(np.asarray(dispatch_capacity(x, r, g, u, d, capacity_factor=E / 2)), want, atol=1e-4)
   # with a small capacity, overflow assignments are dropped (contribute zero), in token order
   C = int(np.ceil(0.5 * T * K / E))
