@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import models
 from rl_jax import checkpoint as ckpt
 from rl_jax import report
+from rl_jax.bench import train_flops_per_token
 from rl_jax.config import RunConfig, model_config, to_dict
 from rl_jax.train import state as S
 from rl_jax.train import step as ST
@@ -27,14 +28,6 @@ from sharding import rules as srules
 
 class Diverged(FloatingPointError, ValueError):
   """The loss or the parameters went non-finite; a ValueError so the CLI reports it in one line."""
-
-
-def flops_per_token(cfg) -> float:
-  """Model FLOPs per trained token (6 * active matmul params + attention), the usual MFU numerator."""
-  counts = cfg.param_counts()
-  active = counts["active"] - cfg.vocab_size * cfg.hidden_size   # the embedding lookup is not a matmul
-  return 6.0 * (active + (counts["mtp"] / max(cfg.n_routed_experts, 1) * (cfg.num_experts_per_tok + cfg.n_shared_experts)
-                          if cfg.num_nextn_predict_layers else 0))
 
 
 def prepare_tokenizer(run: RunConfig, run_dir: str, vocab_size: int):
@@ -79,6 +72,12 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
   if tcfg.batch_size % (n_proc * tcfg.grad_accum):
     raise ValueError(f"train.batch_size ({tcfg.batch_size}) must divide by processes x grad_accum "
                      f"({n_proc} x {tcfg.grad_accum})")
+
+  shards = srules.shard_count("batch", rules, mesh)
+  micro = tcfg.batch_size // tcfg.grad_accum
+  if micro % shards:
+    raise ValueError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must divide "
+                     f"by the {shards} batch shards of the mesh (mesh data x fsdp x expert)")
 
   # TOKENIZER + DATA
   tok, tok_dir = prepare_tokenizer(run, run_dir, mcfg.vocab_size)
@@ -127,7 +126,7 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
     ckpt.copy_tokenizer(tok_dir, os.path.join(ckpt_dir, "tokenizer"))
   writer = report.MetricsWriter(run_dir, total_steps=tcfg.steps, start_step=start,
                                 enabled=jax.process_index() == 0, desc=stage)
-  fpt = flops_per_token(mcfg)
+  fpt = train_flops_per_token(mcfg, tcfg.seq_len)
   every = run.checkpoint.every
   pending, last, logged, saved = None, {}, start, start
   clock = time.perf_counter()
