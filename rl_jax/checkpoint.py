@@ -92,7 +92,11 @@ def latest_step(directory: str) -> int:
 
 def load_model(directory: str, *, step: int | None = None, mesh=None, rules=None, **config_overrides
                ) -> models.Transformer:
-  """Builds the model described by the checkpoint and restores its params (onto `mesh` when given)."""
+  """Builds the model described by the checkpoint and restores its params onto `mesh` (default: the mesh
+  set with `jax.set_mesh`, else one device)."""
+  if mesh is None:
+    from sharding.mesh import active_mesh
+    mesh = active_mesh()
   cfg = read_model_config(directory)
   if config_overrides:
     cfg = cfg.replace(**config_overrides)

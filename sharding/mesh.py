@@ -84,3 +84,10 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
 
 
 __all__ = ["AXES", "make_mesh", "mesh_from_config", "mesh_shape", "maybe_initialize_distributed"]
+
+
+def active_mesh():
+  """The concrete mesh set with `jax.set_mesh(...)`, or None."""
+  get = getattr(jax.sharding, "get_mesh", None)
+  mesh = get() if get is not None else None
+  return None if mesh is None or mesh.empty else mesh

@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
   ref = np.asarray(models.load_hf(path, dtype=jnp.float32)(ids))
   for shape in [dict(data=2, fsdp=2, tensor=2), dict(data=2, expert=4)]:
     mesh = make_mesh(**shape)
-    m = models.load_hf(path, dtype=jnp.float32, mesh=mesh)
+    with jax.set_mesh(mesh):                       # "with a mesh active": no mesh argument needed
+      m = models.load_hf(path, dtype=jnp.float32)
     experts = m.layers[1].mlp.gate[...]
     q_b = m.layers[0].attn.q_b[...]
     local = {d: s.data.shape for d, s in zip(range(8), experts.addressable_shards)}
