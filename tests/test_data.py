@@ -296,3 +296,15 @@ def test_tfds_array_record(tok, tmp_path):
                             seed=0, data_dir=str(tmp_path))
     seen = [t for batch in itertools.islice(it, 3) for t in _texts_of(batch, tok)]
     assert set(seen) == set(texts)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    from rl_jax.data.pipeline import JsonlSource
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n\n{"text": broken\n{"body": "x"}\n')
+    src = JsonlSource([str(p)])
+    assert len(src) == 3 and src[0] == "ok"
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON"):
+        src[1]
+    with pytest.raises(ValueError, match=r"bad\.jsonl:4: no string field 'text'"):
+        src[2]

@@ -55,15 +55,16 @@ class JsonlSource(grain.sources.RandomAccessDataSource):
 
     def __init__(self, paths: Sequence[str], text_field: str = "text"):
         self.paths, self.text_field = list(paths), text_field
-        files, starts, ends = [], [], []
+        files, starts, ends, numbers = [], [], [], []
         for i, path in enumerate(self.paths):
             data = pathlib.Path(path).read_bytes()
             pos = 0
-            for line in data.splitlines(keepends=True):
+            for n, line in enumerate(data.splitlines(keepends=True), start=1):
                 if line.strip():
-                    files.append(i), starts.append(pos), ends.append(pos + len(line))
+                    files.append(i), starts.append(pos), ends.append(pos + len(line)), numbers.append(n)
                 pos += len(line)
-        self._file, self._start, self._end = (np.asarray(a, np.int64) for a in (files, starts, ends))
+        self._file, self._start, self._end, self._line = (
+            np.asarray(a, np.int64) for a in (files, starts, ends, numbers))
 
     def __len__(self) -> int:
         return len(self._file)
@@ -75,11 +76,14 @@ class JsonlSource(grain.sources.RandomAccessDataSource):
             line = os.pread(fd, int(self._end[index] - self._start[index]), int(self._start[index]))
         finally:
             os.close(fd)
+        where = f"{path}:{self._line[index]}"
         try:
-            return json.loads(line)[self.text_field]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path} @byte {self._start[index]}: no text field "
-                             f"{self.text_field!r} ({type(e).__name__}: {e})") from None
+            record = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where}: malformed JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
+            raise ValueError(f"{where}: no string field {self.text_field!r} (set data.text_field)")
+        return record[self.text_field]
 
 
 class TextFilesSource(grain.sources.RandomAccessDataSource):
