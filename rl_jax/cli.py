@@ -144,8 +144,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+  from rl_jax.config import model_config
   from rl_jax.train import loop
   run = _run_config(args)
+  if args.command == "extend":
+    rope = model_config(run).rope
+    if rope.type != "yarn" or rope.factor <= 1:
+      raise ValueError(f"rl-jax extend needs model.rope.type=yarn with model.rope.factor > 1 "
+                       f"(got type={rope.type}, factor={rope.factor}); see configs/extend_tiny.yaml")
+    resuming = os.path.isdir(os.path.join(run.run_dir or os.path.join("runs", "extend"), "checkpoints"))
+    if not run.init and not resuming:
+      raise ValueError("rl-jax extend continues a trained model: pass --init CHECKPOINT (the pretrain run's checkpoints)")
   last = loop.train(run, stage=args.command)
   if last:
     print(f"{args.command} done: step {last['step']}, loss {last['loss']:.4f} -> {run.run_dir or 'runs/' + args.command}")

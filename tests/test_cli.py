@@ -117,3 +117,12 @@ def test_missing_checkpoint_is_one_line_error(argv, tmp_path, capsys):
   assert cli.main(argv[:1] + ["--checkpoint", missing] + argv[1:]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and missing in err and err.count("\n") == 1, err
+
+
+def test_extend_requires_yarn_and_an_init(tmp_path, capsys):
+  from rl_jax import cli
+  assert cli.main(["extend", "--run-dir", str(tmp_path / "e"), "train.steps=1"]) == 2
+  assert "model.rope.type=yarn" in capsys.readouterr().err
+  assert cli.main(["extend", "--config", "configs/extend_tiny.yaml", "--run-dir", str(tmp_path / "e")]) == 2
+  err = capsys.readouterr().err
+  assert "--init" in err and err.count("\n") == 1
