@@ -132,33 +132,42 @@ class MoE(nnx.Module):
       self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs)
     self.dtype = DTYPES[cfg.dtype]
 
+  def _route(self, logits_TE, bias_E, replay_TK=None) -> Routing:
+    """Per-token routing; `replay_TK` forces the experts (weights recomputed from this forward's scores)."""
+    cfg = self.cfg
+    r = route(logits_TE, bias_E, k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
+              norm_topk_prob=cfg.norm_topk_prob, scaling=cfg.routed_scaling_factor)
+    if replay_TK is None:
+      return r
+    w = jnp.take_along_axis(r.scores_TE, replay_TK, axis=1)
+    if cfg.norm_topk_prob:
+      w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return Routing(w * cfg.routed_scaling_factor, replay_TK, r.scores_TE)
+
   def __call__(self, x_BTD, experts_BTK=None):
     """Returns (y, routing); `experts_BTK` replays a given routing (weights recomputed from the scores)."""
     cfg, dt = self.cfg, self.dtype
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     logits = x_TD.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-    r = route(logits, self.bias[...], k=cfg.num_experts_per_tok, n_group=cfg.n_group,
-              topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob, scaling=cfg.routed_scaling_factor)
-    if experts_BTK is not None:
-      ex = experts_BTK.reshape(B * T, -1).astype(jnp.int32)
-      w = jnp.take_along_axis(r.scores_TE, ex, axis=1)
-      if cfg.norm_topk_prob:
-        w = w / (w.sum(-1, keepdims=True) + 1e-20)
-      r = Routing(w * cfg.routed_scaling_factor, ex, r.scores_TE)
+    replay = None if experts_BTK is None else experts_BTK.reshape(B * T, -1).astype(jnp.int32)
     g, u, dn = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
-    from sharding.expert_parallel import expert_mesh, moe_ffn     # models may import sharding
+    from sharding.expert_parallel import expert_mesh, moe_ffn_routed     # models may import sharding
     mesh = expert_mesh()               # under jax.set_mesh with an "expert" axis > 1: tokens go all-to-all
-    if mesh is not None:
-      y = moe_ffn(x_TD, r.weights_TK, r.experts_TK, g, u, dn, mesh=mesh, capacity_factor=cfg.moe_capacity_factor)
-    elif B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:   # static: few rows (decode)
-      y = dispatch_gather(x_TD, r, g, u, dn)
-    elif cfg.moe_capacity_factor is None and jax.default_backend() == "cpu":
-      y = dispatch_buckets(x_TD, r, g, u, dn)
-    elif cfg.moe_capacity_factor is None:
-      y = dispatch_dropless(x_TD, r, g, u, dn)
+    if mesh is not None:               # routing runs inside the shard_map too, on each device's tokens
+      y, r = moe_ffn_routed(x_TD, logits, self.bias[...], replay, self._route, g, u, dn, k=cfg.num_experts_per_tok,
+                            mesh=mesh, capacity_factor=cfg.moe_capacity_factor)
+      r = Routing(*r)
     else:
-      y = dispatch_capacity(x_TD, r, g, u, dn, cfg.moe_capacity_factor)
+      r = self._route(logits, self.bias[...], replay)
+      if B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:   # static: few rows (decode)
+        y = dispatch_gather(x_TD, r, g, u, dn)
+      elif cfg.moe_capacity_factor is None and jax.default_backend() == "cpu":
+        y = dispatch_buckets(x_TD, r, g, u, dn)
+      elif cfg.moe_capacity_factor is None:
+        y = dispatch_dropless(x_TD, r, g, u, dn)
+      else:
+        y = dispatch_capacity(x_TD, r, g, u, dn, cfg.moe_capacity_factor)
     y = y.reshape(B, T, D)
     if cfg.n_shared_experts:
       y = y + self.shared(x_BTD)

@@ -141,4 +141,28 @@ def moe_ffn(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, mesh, c
   return fn(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID)
 
 
-__all__ = ["expert_mesh", "moe_ffn", "capacity", "specs"]
+def moe_ffn_routed(x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int, mesh,
+                   capacity_factor: float | None, rules: Mapping | None = None):
+  """`moe_ffn` with the routing inside the shard_map: `route_fn(logits, bias, replay) -> (weights, experts,
+  scores)` runs on each device's own tokens, so router scores are never gathered across token shards.
+  Returns (y [T, D], (weights [T, K], experts [T, K], scores [T, E])), all split like the tokens."""
+  T, D = x_TD.shape
+  tok_axes, mlp_axes = specs(mesh, T, D, gate_EDI.shape, rules)
+  T_local = T // math.prod(mesh.shape[a] for a in tok_axes)
+  C = capacity(T_local, k, mesh.shape[AXIS], capacity_factor)
+  tok = P(tok_axes or None, None)
+  mlp = mlp_axes or None
+  has_replay = replay_TK is not None
+  replay = replay_TK if has_replay else jnp.zeros((T, k), jnp.int32)
+
+  def body(x, logits, bias, rep, g, u, d):
+    w, e, s = route_fn(logits, bias, rep if has_replay else None)
+    return _ep_body(x, w, e, g, u, d, C=C, mlp_axes=mlp_axes), (w, e, s)
+
+  fn = jax.shard_map(body, mesh=mesh, check_vma=False,   # as in moe_ffn
+                     in_specs=(tok, tok, P(None), tok, P(AXIS, None, mlp), P(AXIS, None, mlp), P(AXIS, mlp, None)),
+                     out_specs=(tok, (tok, tok, tok)))
+  return fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
+
+
+__all__ = ["expert_mesh", "moe_ffn", "moe_ffn_routed", "capacity", "specs"]

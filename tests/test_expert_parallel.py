@@ -66,6 +66,9 @@ for name, cfg in [("dropless", preset("tiny-moe", vocab_size=256)),
     a2a = [s for op, s, l in colls if op == "all-to-all" and "shard_map" in l]
     gathered = [s for op, s, _ in colls if op == "all-gather" and any(f in s for f in FULL)]
     assert a2a and not gathered and not any(f in hlo for f in FULL), (mname, a2a, gathered)
+    # routing runs inside the shard_map: no device gathers the router scores of all 128 tokens
+    scores = [s for op, s, _ in colls if op == "all-gather" and ("[128,8]" in s or "[128,2]" in s)]
+    assert not scores, (mname, scores)
     kinds = sorted({op for op, _, _ in colls})
     print(f"LOGITS {name} {mname} t={time.perf_counter() - t0:.0f}s err={err:.2e} a2a={sorted(set(a2a))} collectives={kinds}")
     assert err < 1e-5, (name, mname, err)
