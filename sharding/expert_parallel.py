@@ -1,7 +1,8 @@
 """Expert parallelism: routed experts split over the "expert" mesh axis, tokens exchanged by all-to-all.
 
-Under `jax.set_mesh(mesh)` with an "expert" axis of size n > 1, `models.moe.MoE` calls `moe_ffn`
-instead of its single-device dispatch. It is a `jax.shard_map` over the whole mesh. Per device:
+Under `jax.set_mesh(mesh)` with an "expert" axis of size n > 1, `models.moe.MoE` calls `moe_ffn_routed`
+(routing, then `moe_ffn`'s body, all inside one shard_map) instead of its single-device dispatch.
+`moe_ffn` is a `jax.shard_map` over the whole mesh. Per device:
   1. SEND: each local (token, k) assignment goes to the expert shard holding its expert, into a buffer
      [n, C, D] with C = ceil(cf * T_local * K / n) rows per (source, destination) pair; a pair's
      overflow is dropped in token order (row t*K + k). Dropless (cf None): C = T_local * K, nothing drops.
