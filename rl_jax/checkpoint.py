@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -66,11 +65,9 @@ def save_model(directory: str, model: models.Transformer, *, step: int = 0, toke
 
 
 def copy_tokenizer(src: str, dst: str) -> None:
-  from models.hf import TOKENIZER_FILES
+  from models.hf import copy_tokenizer_files
   os.makedirs(dst, exist_ok=True)
-  for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(src, name)):
-      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+  copy_tokenizer_files(src, dst)
 
 
 def read_model_config(directory: str) -> ModelConfig:

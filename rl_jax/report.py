@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 from tqdm import tqdm
 
@@ -88,12 +87,3 @@ def plot_metrics(run_dir: str, keys=("loss", "ce", "mtp", "load_imbalance", "lr"
   plt.close(fig)
   return out
 
-
-class Throughput:
-  def __init__(self):
-    self.t = time.perf_counter()
-
-  def lap(self) -> float:
-    now = time.perf_counter()
-    dt, self.t = now - self.t, now
-    return dt

@@ -1,7 +1,6 @@
 """Training state (one pytree), the optimizer, and building both born sharded on a mesh."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -107,6 +106,3 @@ def init_state(model_cfg: ModelConfig, run: RunConfig, mesh, rules=None, init_pa
                            opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
   return graphdef, state, shardings, tx
 
-
-def with_dtypes(mcfg: ModelConfig, **kw) -> ModelConfig:
-  return dataclasses.replace(mcfg, **kw).validate()
