@@ -12,6 +12,7 @@ either side). Ours is timed on its second call (the first compiles; compile time
 HF after a short warm-up. Prints a markdown table, the KV-cache numbers per token per layer of each
 (measured on the caches), and a JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,23 +34,28 @@ def parse_args(argv=None):
   ap.add_argument("--vocab", type=int, default=4096)
   ap.add_argument("--experts", type=int, default=16, help="DeepSeek-V3 routed experts (top-2, 4 groups)")
   ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 also pins XLA to one thread")
-  ap.add_argument("--hf-cache", default="dynamic", choices=["dynamic", "static"],
-                  help="transformers cache_implementation (static: preallocated, as ours)")
+  ap.add_argument(
+    "--hf-cache",
+    default="dynamic",
+    choices=["dynamic", "static"],
+    help="transformers cache_implementation (static: preallocated, as ours)",
+  )
   return ap.parse_args(argv)
 
 
 ARGS = parse_args()
-if ARGS.threads == 1:   # before jax is imported: XLA reads its flags once
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if ARGS.threads == 1:  # before jax is imported: XLA reads its flags once
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  ).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax                      # noqa: E402
-import jax.numpy as jnp         # noqa: E402
-import numpy as np              # noqa: E402
-import torch                    # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-import models                   # noqa: E402
+from rl_jax import models  # noqa: E402
 from rl_jax.sampling import generate  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
@@ -58,32 +64,67 @@ torch.set_num_threads(ARGS.threads)
 # ------------------------------------------------------------------ the models (transformers' classes)
 def hf_model(kind: str, a, path: str):
   import transformers as tf
+
   torch.manual_seed(0)
   heads = max(1, a.hidden // 32)
-  orig = max(128, a.prompt_len + a.new_tokens)      # YaRN x4 over this; Llama's window is the same 4x
-  common = dict(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden, num_hidden_layers=a.layers,
-                num_attention_heads=heads, max_position_embeddings=4 * orig, tie_word_embeddings=False,
-                initializer_range=0.02)
+  orig = max(128, a.prompt_len + a.new_tokens)  # YaRN x4 over this; Llama's window is the same 4x
+  common = dict(
+    vocab_size=a.vocab,
+    hidden_size=a.hidden,
+    intermediate_size=4 * a.hidden,
+    num_hidden_layers=a.layers,
+    num_attention_heads=heads,
+    max_position_embeddings=4 * orig,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+  )
   if kind == "deepseek_v3":
     cfg = tf.DeepseekV3Config(
-        **common, num_key_value_heads=heads, moe_intermediate_size=a.hidden, n_shared_experts=1,
-        n_routed_experts=a.experts, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=a.hidden // 2, kv_lora_rank=a.hidden // 4,
-        qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, rope_interleave=True, num_nextn_predict_layers=0,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": orig, "beta_fast": 32, "beta_slow": 1,
-                         "mscale": 1.0, "mscale_all_dim": 1.0})
+      **common,
+      num_key_value_heads=heads,
+      moe_intermediate_size=a.hidden,
+      n_shared_experts=1,
+      n_routed_experts=a.experts,
+      num_experts_per_tok=2,
+      n_group=4,
+      topk_group=2,
+      first_k_dense_replace=1,
+      routed_scaling_factor=2.5,
+      norm_topk_prob=True,
+      q_lora_rank=a.hidden // 2,
+      kv_lora_rank=a.hidden // 4,
+      qk_rope_head_dim=32,
+      qk_nope_head_dim=32,
+      v_head_dim=32,
+      rope_interleave=True,
+      num_nextn_predict_layers=0,
+      rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": orig,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+      },
+    )
     model = tf.DeepseekV3ForCausalLM(cfg)
     with torch.no_grad():
       for layer in model.model.layers[1:]:
         layer.mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
   elif kind == "llama":
-    cfg = tf.LlamaConfig(**common, num_key_value_heads=max(1, heads // 4), head_dim=32, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    cfg = tf.LlamaConfig(
+      **common,
+      num_key_value_heads=max(1, heads // 4),
+      head_dim=32,
+      rms_norm_eps=1e-5,
+      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
     model = tf.LlamaForCausalLM(cfg)
   else:
     raise SystemExit(f"unknown model {kind!r}: deepseek_v3 or llama")
-  with torch.no_grad():    # sharper logits: fewer greedy near-ties, so token agreement means something
+  with torch.no_grad():  # sharper logits: fewer greedy near-ties, so token agreement means something
     model.model.embed_tokens.weight.mul_(20.0)
     model.lm_head.weight.mul_(20.0)
   model = model.eval()
@@ -97,7 +138,7 @@ def hf_cache_per_token_layer(model) -> int:
   """Numbers transformers keeps per token per layer, measured on its cache after one 4-token forward."""
   with torch.no_grad():
     out = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True)
-  cache = out.cache if "cache" in out else out.past_key_values      # renamed in transformers 5.x
+  cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.x
   layer = cache.layers[0]
   return (layer.keys.numel() + layer.values.numel()) // 4
 
@@ -121,17 +162,17 @@ def time_hf(model, prompts: np.ndarray, a) -> tuple[float, np.ndarray]:
   ids = torch.tensor(prompts, dtype=torch.long)
   kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, cache_implementation=a.hf_cache)
   with torch.no_grad():
-    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)            # warm-up
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
     dt = time.perf_counter() - t0
-  return dt, out[:, prompts.shape[1]:].numpy()
+  return dt, out[:, prompts.shape[1] :].numpy()
 
 
 def time_ours(model, prompts: np.ndarray, a) -> tuple[float, float, np.ndarray]:
   rows = [list(map(int, p)) for p in prompts]
   t0 = time.perf_counter()
-  generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)       # compile + run
+  generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)  # compile + run
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
   res = generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)
@@ -156,30 +197,55 @@ def main(a) -> list[dict]:
       hf = hf_model(kind, a, path)
       ours = models.load_hf(path, dtype=jnp.float32)
       n_params = models.count_params(ours)
-      caches.append({"model": kind, "ours": ours_cache_per_token_layer(ours), "hf": hf_cache_per_token_layer(hf),
-                     "hf_expanded_per_step": hf_expanded_per_token_layer(hf)})
+      caches.append(
+        {
+          "model": kind,
+          "ours": ours_cache_per_token_layer(ours),
+          "hf": hf_cache_per_token_layer(hf),
+          "hf_expanded_per_step": hf_expanded_per_token_layer(hf),
+        }
+      )
       for b in (int(x) for x in a.batches.split(",")):
         prompts = np.random.RandomState(b).randint(3, a.vocab, size=(b, a.prompt_len))
         hf_s, hf_tok = time_hf(hf, prompts, a)
         our_s, compile_s, our_tok = time_ours(ours, prompts, a)
         n = b * a.new_tokens
-        rows.append({"bench": "sample_vs_hf", "model": kind, "params_m": round(n_params / 1e6, 2), "batch": b,
-                     "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "hf_tokens_per_s": round(n / hf_s, 1),
-                     "ours_tokens_per_s": round(n / our_s, 1), "speedup": round(hf_s / our_s, 2),
-                     "ours_compile_s": round(compile_s, 1), "greedy_agreement": round(agreement(our_tok, hf_tok), 3),
-                     "hf_cache": a.hf_cache, "device": device})
+        rows.append(
+          {
+            "bench": "sample_vs_hf",
+            "model": kind,
+            "params_m": round(n_params / 1e6, 2),
+            "batch": b,
+            "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens,
+            "hf_tokens_per_s": round(n / hf_s, 1),
+            "ours_tokens_per_s": round(n / our_s, 1),
+            "speedup": round(hf_s / our_s, 2),
+            "ours_compile_s": round(compile_s, 1),
+            "greedy_agreement": round(agreement(our_tok, hf_tok), 3),
+            "hf_cache": a.hf_cache,
+            "device": device,
+          }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-  print(f"\nGreedy decoding, fp32, prompt {a.prompt_len} + {a.new_tokens} new tokens, {device}; "
-        f"transformers {__import__('transformers').__version__} ({a.hf_cache} cache), jax {jax.__version__}\n")
-  print("| model | params | batch | HF tokens/s | rl_jax tokens/s | rl_jax / HF | rl_jax compile s "
-        "| greedy agreement |")
+  print(
+    f"\nGreedy decoding, fp32, prompt {a.prompt_len} + {a.new_tokens} new tokens, {device}; "
+    f"transformers {__import__('transformers').__version__} ({a.hf_cache} cache), jax {jax.__version__}\n"
+  )
+  print(
+    "| model | params | batch | HF tokens/s | rl_jax tokens/s | rl_jax / HF | rl_jax compile s | greedy agreement |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['hf_tokens_per_s']} | {r['ours_tokens_per_s']} | "
-          f"{r['speedup']}x | {r['ours_compile_s']} | {r['greedy_agreement']:.3f} |")
-  print("\nKV cache, numbers per token per layer (MLA: kv_lora + rope key), measured on each side's cache; "
-        "HF's DeepSeek-V3 also expands every cached latent to per-head K and V at each decode step\n")
+    print(
+      f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['hf_tokens_per_s']} | {r['ours_tokens_per_s']} | "
+      f"{r['speedup']}x | {r['ours_compile_s']} | {r['greedy_agreement']:.3f} |"
+    )
+  print(
+    "\nKV cache, numbers per token per layer (MLA: kv_lora + rope key), measured on each side's cache; "
+    "HF's DeepSeek-V3 also expands every cached latent to per-head K and V at each decode step\n"
+  )
   print("| model | rl_jax cache | HF cache | HF per-step expanded K+V |")
   print("|---|---|---|---|")
   for c in caches:

@@ -7,15 +7,16 @@ A call with a cache writes its T new tokens at slots positions[:, 0] ... positio
 row, then attends to every slot <= the query's position, so right-padded prompts of different lengths
 need no left padding: a row's pad slots are overwritten before any later query can see them.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import DTYPES, RMSNorm, param
-from models.rope import Rope, softmax_scale
+from .config import ModelConfig
+from .layers import DTYPES, RMSNorm, param
+from .rope import Rope, softmax_scale
 
 NEG_INF = -1e30
 
@@ -35,7 +36,8 @@ def causal_mask(positions_BT, segment_ids_BT=None, cache_len: int | None = None)
 def write_cache(cache_BS, new_BT, start_B):
   """Writes new_BT[b] into cache_BS[b] at slot start_B[b] (the cache has the same trailing dims)."""
   return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), s, axis=0))(
-      cache_BS, new_BT, start_B)
+    cache_BS, new_BT, start_B
+  )
 
 
 def _softmax(scores, mask_B1TS):
@@ -57,8 +59,9 @@ class MLA(nnx.Module):
       self.q = param(rngs, (d, H, cfg.qk_head_dim), ("embed", "heads", "head_dim"), cfg)
     self.kv_a = param(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), cfg)
     self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs, "kv_lora")
-    self.kv_b = param(rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
-                      ("kv_lora", "heads", "head_dim"), cfg)
+    self.kv_b = param(
+      rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), cfg
+    )
     self.o = param(rngs, (H, cfg.v_head_dim, d), ("heads", "head_dim", "embed"), cfg)
     self.rope = Rope(cfg)
     self.scale = softmax_scale(cfg)
@@ -70,9 +73,9 @@ class MLA(nnx.Module):
       q_BTHK = jnp.einsum("btq,qhk->bthk", self.q_norm(x_BTD @ self.q_a[...].astype(dt)), self.q_b[...].astype(dt))
     else:
       q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-    q_nope, q_pe = q_BTHK[..., :cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim:]
+    q_nope, q_pe = q_BTHK[..., : cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim :]
     ckv = x_BTD @ self.kv_a[...].astype(dt)
-    c_BTC, k_pe_BTR = self.kv_norm(ckv[..., :cfg.kv_lora_rank]), ckv[..., cfg.kv_lora_rank:]
+    c_BTC, k_pe_BTR = self.kv_norm(ckv[..., : cfg.kv_lora_rank]), ckv[..., cfg.kv_lora_rank :]
     cos, sin = self.rope.cos_sin(positions_BT)
     q_pe = self.rope.apply(q_pe, cos, sin)
     k_pe_BTR = self.rope.apply(k_pe_BTR[:, :, None, :], cos, sin)[:, :, 0, :]
@@ -82,7 +85,7 @@ class MLA(nnx.Module):
     cfg, dt = self.cfg, self.dtype
     q_nope, q_pe, c_BTC, k_pe_BTR = self._project(x_BTD, positions_BT)
     w_kv = self.kv_b[...].astype(dt)
-    w_uk, w_uv = w_kv[..., :cfg.qk_nope_head_dim], w_kv[..., cfg.qk_nope_head_dim:]
+    w_uk, w_uv = w_kv[..., : cfg.qk_nope_head_dim], w_kv[..., cfg.qk_nope_head_dim :]
     mask = mask_BTS[:, None]
     if cache is None:
       # NAIVE: expand the latent into per-head keys and values (cheapest for long prompts / training).
@@ -105,8 +108,10 @@ class MLA(nnx.Module):
 
   def init_cache(self, batch: int, length: int, dtype):
     cfg = self.cfg
-    return {"c": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
-            "k_pe": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype)}
+    return {
+      "c": jnp.zeros((batch, length, cfg.kv_lora_rank), dtype),
+      "k_pe": jnp.zeros((batch, length, cfg.qk_rope_head_dim), dtype),
+    }
 
 
 class GQA(nnx.Module):

@@ -1,4 +1,5 @@
 """ModelConfig: one frozen dataclass for DeepSeek-V3/R1 (MLA + DeepSeekMoE + MTP) and dense Qwen2 / Llama 3."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,17 +17,17 @@ HF_ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", 
 class RopeConfig:
   type: Literal["default", "yarn", "llama3"] = "default"
   theta: float = 10000.0
-  factor: float = 1.0                   # yarn / llama3 context-extension factor
+  factor: float = 1.0  # yarn / llama3 context-extension factor
   original_max_position_embeddings: int = 4096
-  beta_fast: float = 32.0               # yarn: extrapolate dims rotating > beta_fast times in L0
-  beta_slow: float = 1.0                # yarn: interpolate dims rotating < beta_slow times in L0
-  mscale: float = 1.0                   # yarn: cos/sin scale numerator (HF `mscale`)
-  mscale_all_dim: float = 0.0           # yarn: also squares into the MLA softmax scale when nonzero
+  beta_fast: float = 32.0  # yarn: extrapolate dims rotating > beta_fast times in L0
+  beta_slow: float = 1.0  # yarn: interpolate dims rotating < beta_slow times in L0
+  mscale: float = 1.0  # yarn: cos/sin scale numerator (HF `mscale`)
+  mscale_all_dim: float = 0.0  # yarn: also squares into the MLA softmax scale when nonzero
   attention_factor: float | None = None  # yarn: explicit cos/sin scale, overrides mscale
-  truncate: bool = True                 # yarn: floor/ceil the correction range (HF default)
-  low_freq_factor: float = 1.0          # llama3
-  high_freq_factor: float = 4.0         # llama3
-  interleave: bool = False              # DeepSeek rotates pairs (x0,x1),(x2,x3)...; Qwen/Llama rotate halves
+  truncate: bool = True  # yarn: floor/ceil the correction range (HF default)
+  low_freq_factor: float = 1.0  # llama3
+  high_freq_factor: float = 4.0  # llama3
+  interleave: bool = False  # DeepSeek rotates pairs (x0,x1),(x2,x3)...; Qwen/Llama rotate halves
 
 
 @dataclass(frozen=True)
@@ -36,22 +37,22 @@ class ModelConfig:
   hidden_size: int = 64
   num_hidden_layers: int = 2
   num_attention_heads: int = 4
-  num_key_value_heads: int = 4          # GQA only; MLA has one shared latent
-  head_dim: int | None = None           # GQA head dim; None = hidden_size // heads
-  intermediate_size: int = 128          # dense MLP width (dense layers, dense models)
+  num_key_value_heads: int = 4  # GQA only; MLA has one shared latent
+  head_dim: int | None = None  # GQA head dim; None = hidden_size // heads
+  intermediate_size: int = 128  # dense MLP width (dense layers, dense models)
   rms_norm_eps: float = 1e-6
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
-  attention_bias: bool = False          # Qwen2: bias on q/k/v projections
+  attention_bias: bool = False  # Qwen2: bias on q/k/v projections
   rope: RopeConfig = field(default_factory=RopeConfig)
   # --- MLA (deepseek_v3) ---
-  q_lora_rank: int | None = None        # None: a single q_proj (V2-Lite style)
+  q_lora_rank: int | None = None  # None: a single q_proj (V2-Lite style)
   kv_lora_rank: int = 16
   qk_nope_head_dim: int = 16
   qk_rope_head_dim: int = 8
   v_head_dim: int = 16
   # --- DeepSeekMoE ---
-  n_routed_experts: int = 0             # 0: every layer dense
+  n_routed_experts: int = 0  # 0: every layer dense
   n_shared_experts: int = 0
   num_experts_per_tok: int = 1
   moe_intermediate_size: int = 32
@@ -59,12 +60,12 @@ class ModelConfig:
   topk_group: int = 1
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 1.0
-  first_k_dense_replace: int = 0        # layers [0, k) use the dense MLP
+  first_k_dense_replace: int = 0  # layers [0, k) use the dense MLP
   moe_capacity_factor: float | None = None  # None: dropless (ragged_dot); else capacity = cf*T*K/E per expert
   # --- multi-token prediction ---
   num_nextn_predict_layers: int = 0
   # --- numerics ---
-  dtype: Literal["float32", "bfloat16", "float16"] = "float32"        # compute
+  dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   initializer_range: float = 0.02
 
@@ -88,17 +89,20 @@ class ModelConfig:
   def is_moe_layer(self, i: int) -> bool:
     return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
 
-  def validate(self) -> "ModelConfig":
+  def validate(self) -> ModelConfig:
     def bad(key, msg):
       raise ValueError(f"model config key '{key}': {msg}")
+
     if self.arch not in ARCHS:
       bad("arch", f"unsupported architecture {self.arch!r} (supported: {', '.join(ARCHS)})")
     for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
       if getattr(self, k) <= 0:
         bad(k, f"must be > 0, got {getattr(self, k)}")
     if not self.is_mla and self.num_attention_heads % self.num_key_value_heads:
-      bad("num_key_value_heads", f"{self.num_key_value_heads} does not divide num_attention_heads "
-          f"{self.num_attention_heads}")
+      bad(
+        "num_key_value_heads",
+        f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
+      )
     if self.rope_dim % 2:
       bad("qk_rope_head_dim" if self.is_mla else "head_dim", f"rope dim {self.rope_dim} must be even")
     if self.n_routed_experts:
@@ -110,15 +114,17 @@ class ModelConfig:
       if self.n_group > 1 and per_group < 2:
         bad("n_group", "group scores sum the top-2 experts of a group: need >= 2 experts per group")
       if not 1 <= self.num_experts_per_tok <= self.topk_group * per_group:
-        bad("num_experts_per_tok", f"{self.num_experts_per_tok} exceeds the experts in topk_group groups "
-            f"({self.topk_group * per_group})")
+        bad(
+          "num_experts_per_tok",
+          f"{self.num_experts_per_tok} exceeds the experts in topk_group groups ({self.topk_group * per_group})",
+        )
     if self.num_nextn_predict_layers and not self.is_mla:
       bad("num_nextn_predict_layers", "multi-token prediction is only implemented for deepseek_v3")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       bad("moe_capacity_factor", f"must be > 0 or null, got {self.moe_capacity_factor}")
     return self
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw).validate()
 
   # ------------------------------------------------------------------ counts
@@ -127,10 +133,18 @@ class ModelConfig:
     d, L, V = self.hidden_size, self.num_hidden_layers, self.vocab_size
     if self.is_mla:
       H = self.num_attention_heads
-      q = (d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
-           if self.q_lora_rank else d * H * self.qk_head_dim)
-      attn = (q + d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-              + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim) + H * self.v_head_dim * d)
+      q = (
+        d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
+        if self.q_lora_rank
+        else d * H * self.qk_head_dim
+      )
+      attn = (
+        q
+        + d * (self.kv_lora_rank + self.qk_rope_head_dim)
+        + self.kv_lora_rank
+        + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)
+        + H * self.v_head_dim * d
+      )
     else:
       hd, H, Hk = self.gqa_head_dim, self.num_attention_heads, self.num_key_value_heads
       attn = d * hd * (H + 2 * Hk) + H * hd * d + (hd * (H + 2 * Hk) if self.attention_bias else 0)
@@ -148,7 +162,7 @@ class ModelConfig:
 
   # ------------------------------------------------------------------ HF interop
   @classmethod
-  def from_hf(cls, config: dict[str, Any] | str, **overrides) -> "ModelConfig":
+  def from_hf(cls, config: dict[str, Any] | str, **overrides) -> ModelConfig:
     """Reads a HF config.json (dict or path); both `rope_parameters` and legacy `rope_scaling` + `rope_theta`."""
     if isinstance(config, str):
       with open(config) as f:
@@ -158,19 +172,25 @@ class ModelConfig:
     arch = {"deepseek_v3": "deepseek_v3", "qwen2": "qwen2", "llama": "llama"}.get(model_type)
     if arch is None:
       archs = c.get("architectures") or ["?"]
-      raise ValueError(f"unsupported architecture: model_type={model_type!r} architectures={archs} "
-                       f"(supported: {', '.join(HF_ARCH.values())})")
+      raise ValueError(
+        f"unsupported architecture: model_type={model_type!r} architectures={archs} "
+        f"(supported: {', '.join(HF_ARCH.values())})"
+      )
     rp = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
     theta = rp.get("rope_theta", c.get("rope_theta", 10000.0))
     rtype = rp.get("rope_type", rp.get("type", "default"))
     if rtype not in ("default", "yarn", "llama3"):
       raise ValueError(f"unsupported rope type {rtype!r} in config.json (supported: default, yarn, llama3)")
-    rope = dict(type=rtype, theta=float(theta),
-                interleave=bool(c.get("rope_interleave", True)) if arch == "deepseek_v3" else False)
+    rope = dict(
+      type=rtype,
+      theta=float(theta),
+      interleave=bool(c.get("rope_interleave", True)) if arch == "deepseek_v3" else False,
+    )
     if rtype != "default":
       rope["factor"] = float(rp["factor"])
       rope["original_max_position_embeddings"] = int(
-          rp.get("original_max_position_embeddings") or c.get("max_position_embeddings"))
+        rp.get("original_max_position_embeddings") or c.get("max_position_embeddings")
+      )
     if rtype == "yarn":
       rope["beta_fast"] = float(rp.get("beta_fast") or 32.0)
       rope["beta_slow"] = float(rp.get("beta_slow") or 1.0)
@@ -183,32 +203,47 @@ class ModelConfig:
       rope["low_freq_factor"] = float(rp["low_freq_factor"])
       rope["high_freq_factor"] = float(rp["high_freq_factor"])
     kw: dict[str, Any] = dict(
-        arch=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
-        num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        intermediate_size=c["intermediate_size"], rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=c.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), rope=RopeConfig(**rope),
-        initializer_range=c.get("initializer_range", 0.02))
+      arch=arch,
+      vocab_size=c["vocab_size"],
+      hidden_size=c["hidden_size"],
+      num_hidden_layers=c["num_hidden_layers"],
+      num_attention_heads=c["num_attention_heads"],
+      num_key_value_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+      intermediate_size=c["intermediate_size"],
+      rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+      max_position_embeddings=c.get("max_position_embeddings", 4096),
+      tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+      rope=RopeConfig(**rope),
+      initializer_range=c.get("initializer_range", 0.02),
+    )
     if arch == "deepseek_v3":
       if c.get("attention_bias"):
         raise ValueError("unsupported config.json: attention_bias=true for deepseek_v3")
-      kw.update(q_lora_rank=c.get("q_lora_rank"), kv_lora_rank=c["kv_lora_rank"],
-                qk_nope_head_dim=c["qk_nope_head_dim"], qk_rope_head_dim=c["qk_rope_head_dim"],
-                v_head_dim=c["v_head_dim"], n_routed_experts=c.get("n_routed_experts") or 0,
-                n_shared_experts=c.get("n_shared_experts") or 0,
-                num_experts_per_tok=c.get("num_experts_per_tok") or 1,
-                moe_intermediate_size=c.get("moe_intermediate_size") or 1, n_group=c.get("n_group") or 1,
-                topk_group=c.get("topk_group") or 1, norm_topk_prob=bool(c.get("norm_topk_prob", True)),
-                routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
-                first_k_dense_replace=c.get("first_k_dense_replace", 0),
-                num_nextn_predict_layers=c.get("num_nextn_predict_layers", 0) or 0)
+      kw.update(
+        q_lora_rank=c.get("q_lora_rank"),
+        kv_lora_rank=c["kv_lora_rank"],
+        qk_nope_head_dim=c["qk_nope_head_dim"],
+        qk_rope_head_dim=c["qk_rope_head_dim"],
+        v_head_dim=c["v_head_dim"],
+        n_routed_experts=c.get("n_routed_experts") or 0,
+        n_shared_experts=c.get("n_shared_experts") or 0,
+        num_experts_per_tok=c.get("num_experts_per_tok") or 1,
+        moe_intermediate_size=c.get("moe_intermediate_size") or 1,
+        n_group=c.get("n_group") or 1,
+        topk_group=c.get("topk_group") or 1,
+        norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
+        first_k_dense_replace=c.get("first_k_dense_replace", 0),
+        num_nextn_predict_layers=c.get("num_nextn_predict_layers", 0) or 0,
+      )
       if c.get("scoring_func", "sigmoid") != "sigmoid":
         raise ValueError(f"unsupported scoring_func {c['scoring_func']!r} (DeepSeek-V3 uses sigmoid)")
     else:
       hd = c.get("head_dim")
-      kw.update(head_dim=hd if hd and hd != c["hidden_size"] // c["num_attention_heads"] else None,
-                attention_bias=(arch == "qwen2") or bool(c.get("attention_bias", False)))
+      kw.update(
+        head_dim=hd if hd and hd != c["hidden_size"] // c["num_attention_heads"] else None,
+        attention_bias=(arch == "qwen2") or bool(c.get("attention_bias", False)),
+      )
       if c.get("mlp_bias"):
         raise ValueError("unsupported config.json: mlp_bias=true")
     kw.update(overrides)
@@ -221,34 +256,60 @@ class ModelConfig:
     if r.type != "default":
       rp.update(factor=r.factor, original_max_position_embeddings=r.original_max_position_embeddings)
     if r.type == "yarn":
-      rp.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim,
-                truncate=r.truncate)
+      rp.update(
+        beta_fast=r.beta_fast,
+        beta_slow=r.beta_slow,
+        mscale=r.mscale,
+        mscale_all_dim=r.mscale_all_dim,
+        truncate=r.truncate,
+      )
       if r.attention_factor is not None:
         rp["attention_factor"] = r.attention_factor
     if r.type == "llama3":
       rp.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
     c: dict[str, Any] = dict(
-        architectures=[HF_ARCH[self.arch]], model_type=self.arch, vocab_size=self.vocab_size,
-        hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-        num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-        intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
-        max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
-        hidden_act="silu", rope_parameters=rp, rope_theta=r.theta, initializer_range=self.initializer_range,
-        torch_dtype=self.param_dtype, dtype=self.param_dtype)
+      architectures=[HF_ARCH[self.arch]],
+      model_type=self.arch,
+      vocab_size=self.vocab_size,
+      hidden_size=self.hidden_size,
+      num_hidden_layers=self.num_hidden_layers,
+      num_attention_heads=self.num_attention_heads,
+      num_key_value_heads=self.num_key_value_heads,
+      intermediate_size=self.intermediate_size,
+      rms_norm_eps=self.rms_norm_eps,
+      max_position_embeddings=self.max_position_embeddings,
+      tie_word_embeddings=self.tie_word_embeddings,
+      hidden_act="silu",
+      rope_parameters=rp,
+      rope_theta=r.theta,
+      initializer_range=self.initializer_range,
+      torch_dtype=self.param_dtype,
+      dtype=self.param_dtype,
+    )
     if self.is_mla:
-      c.update(q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
-               qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-               v_head_dim=self.v_head_dim, n_routed_experts=self.n_routed_experts,
-               n_shared_experts=self.n_shared_experts, num_experts_per_tok=self.num_experts_per_tok,
-               moe_intermediate_size=self.moe_intermediate_size, n_group=self.n_group,
-               topk_group=self.topk_group, norm_topk_prob=self.norm_topk_prob,
-               routed_scaling_factor=self.routed_scaling_factor,
-               first_k_dense_replace=self.first_k_dense_replace, scoring_func="sigmoid",
-               topk_method="noaux_tc", rope_interleave=r.interleave,
-               num_nextn_predict_layers=self.num_nextn_predict_layers, attention_bias=False)
+      c.update(
+        q_lora_rank=self.q_lora_rank,
+        kv_lora_rank=self.kv_lora_rank,
+        qk_nope_head_dim=self.qk_nope_head_dim,
+        qk_rope_head_dim=self.qk_rope_head_dim,
+        v_head_dim=self.v_head_dim,
+        n_routed_experts=self.n_routed_experts,
+        n_shared_experts=self.n_shared_experts,
+        num_experts_per_tok=self.num_experts_per_tok,
+        moe_intermediate_size=self.moe_intermediate_size,
+        n_group=self.n_group,
+        topk_group=self.topk_group,
+        norm_topk_prob=self.norm_topk_prob,
+        routed_scaling_factor=self.routed_scaling_factor,
+        first_k_dense_replace=self.first_k_dense_replace,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        rope_interleave=r.interleave,
+        num_nextn_predict_layers=self.num_nextn_predict_layers,
+        attention_bias=False,
+      )
     else:
-      c.update(head_dim=self.gqa_head_dim, attention_bias=self.attention_bias and self.arch != "qwen2",
-               mlp_bias=False)
+      c.update(head_dim=self.gqa_head_dim, attention_bias=self.attention_bias and self.arch != "qwen2", mlp_bias=False)
       if self.arch == "qwen2":
         c.update(use_sliding_window=False)
     return c
@@ -267,7 +328,9 @@ def from_dict(data: dict[str, Any]) -> ModelConfig:
     for k in data["rope"]:
       if k not in rnames:
         hint = difflib.get_close_matches(k, rnames, n=1)
-        raise ValueError(f"unknown model config key 'rope.{k}'" + (f" (did you mean 'rope.{hint[0]}'?)" if hint else ""))
+        raise ValueError(
+          f"unknown model config key 'rope.{k}'" + (f" (did you mean 'rope.{hint[0]}'?)" if hint else "")
+        )
     data["rope"] = RopeConfig(**data["rope"])
   return ModelConfig(**data).validate()
 
@@ -288,11 +351,14 @@ def preset(name: str, **overrides) -> ModelConfig:
   import os
 
   import yaml
+
   path = name if name.endswith((".yaml", ".yml")) and os.path.exists(name) else PRESET_DIR / f"{name}.yaml"
   if not os.path.exists(path):
     hint = difflib.get_close_matches(name, preset_names(), n=1)
-    raise ValueError(f"unknown model preset '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else
-                                                         f" (presets: {', '.join(preset_names())})"))
+    raise ValueError(
+      f"unknown model preset '{name}'"
+      + (f" (did you mean '{hint[0]}'?)" if hint else f" (presets: {', '.join(preset_names())})")
+    )
   with open(path) as f:
     data = yaml.safe_load(f) or {}
   data.update(overrides)

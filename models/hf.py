@@ -8,6 +8,7 @@ Loading reads one tensor at a time from memory-mapped files and places each para
 its devices (`jax.make_array_from_callback`): with a mesh, a device reads only its own slice (for the
 stacked experts only its own experts), so host memory never holds the model twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,19 +16,28 @@ import math
 import os
 import shutil
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import safetensors_io as st
-from models.config import ModelConfig
-from models.transformer import Transformer
+from . import safetensors_io as st
+from .config import ModelConfig
+from .transformer import Transformer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.json",
+  "merges.txt",
+  "tokenizer.model",
+  "generation_config.json",
+  "chat_template.jinja",
+)
 
 
 class CheckpointError(ValueError):
@@ -35,9 +45,9 @@ class CheckpointError(ValueError):
 
 
 class Spec(NamedTuple):
-  path: tuple                     # our parameter's path in nnx.state(model)
-  hf: tuple[str, ...]             # one HF tensor, or E per-expert tensors stacked on our axis 0
-  n_in: int                       # 0: as is; -1: flattened (biases); k: a linear layer, first k dims input
+  path: tuple  # our parameter's path in nnx.state(model)
+  hf: tuple[str, ...]  # one HF tensor, or E per-expert tensors stacked on our axis 0
+  n_in: int  # 0: as is; -1: flattened (biases); k: a linear layer, first k dims input
 
 
 def _lin_to_ours(w: np.ndarray, shape, n_in: int) -> np.ndarray:
@@ -59,20 +69,26 @@ def _hf_shape(shape, n_in: int) -> tuple[int, ...]:
 
 
 def _layer_specs(cfg: ModelConfig, ours: tuple, hf: str, moe: bool) -> list[Spec]:
-  s = [Spec(ours + ("attn_norm", "scale"), (hf + "input_layernorm.weight",), 0),
-       Spec(ours + ("mlp_norm", "scale"), (hf + "post_attention_layernorm.weight",), 0)]
+  s = [
+    Spec(ours + ("attn_norm", "scale"), (hf + "input_layernorm.weight",), 0),
+    Spec(ours + ("mlp_norm", "scale"), (hf + "post_attention_layernorm.weight",), 0),
+  ]
   a, ha = ours + ("attn",), hf + "self_attn."
   if cfg.is_mla:
     if cfg.q_lora_rank:
-      s += [Spec(a + ("q_a",), (ha + "q_a_proj.weight",), 1),
-            Spec(a + ("q_norm", "scale"), (ha + "q_a_layernorm.weight",), 0),
-            Spec(a + ("q_b",), (ha + "q_b_proj.weight",), 1)]
+      s += [
+        Spec(a + ("q_a",), (ha + "q_a_proj.weight",), 1),
+        Spec(a + ("q_norm", "scale"), (ha + "q_a_layernorm.weight",), 0),
+        Spec(a + ("q_b",), (ha + "q_b_proj.weight",), 1),
+      ]
     else:
       s += [Spec(a + ("q",), (ha + "q_proj.weight",), 1)]
-    s += [Spec(a + ("kv_a",), (ha + "kv_a_proj_with_mqa.weight",), 1),
-          Spec(a + ("kv_norm", "scale"), (ha + "kv_a_layernorm.weight",), 0),
-          Spec(a + ("kv_b",), (ha + "kv_b_proj.weight",), 1),
-          Spec(a + ("o",), (ha + "o_proj.weight",), 2)]
+    s += [
+      Spec(a + ("kv_a",), (ha + "kv_a_proj_with_mqa.weight",), 1),
+      Spec(a + ("kv_norm", "scale"), (ha + "kv_a_layernorm.weight",), 0),
+      Spec(a + ("kv_b",), (ha + "kv_b_proj.weight",), 1),
+      Spec(a + ("o",), (ha + "o_proj.weight",), 2),
+    ]
   else:
     s += [Spec(a + (n,), (ha + f"{n}_proj.weight",), 1) for n in ("q", "k", "v")]
     s += [Spec(a + ("o",), (ha + "o_proj.weight",), 2)]
@@ -80,8 +96,10 @@ def _layer_specs(cfg: ModelConfig, ours: tuple, hf: str, moe: bool) -> list[Spec
       s += [Spec(a + (f"{n}_bias",), (ha + f"{n}_proj.bias",), -1) for n in ("q", "k", "v")]
   m, hm = ours + ("mlp",), hf + "mlp."
   if moe:
-    s += [Spec(m + ("router",), (hm + "gate.weight",), 1),
-          Spec(m + ("bias",), (hm + "gate.e_score_correction_bias",), 0)]
+    s += [
+      Spec(m + ("router",), (hm + "gate.weight",), 1),
+      Spec(m + ("bias",), (hm + "gate.e_score_correction_bias",), 0),
+    ]
     for n in ("gate", "up", "down"):
       s.append(Spec(m + (n,), tuple(f"{hm}experts.{e}.{n}_proj.weight" for e in range(cfg.n_routed_experts)), 1))
     if cfg.n_shared_experts:
@@ -100,10 +118,12 @@ def param_specs(cfg: ModelConfig) -> list[Spec]:
     specs += _layer_specs(cfg, ("layers", i), f"model.layers.{i}.", cfg.is_moe_layer(i))
   for k in range(cfg.num_nextn_predict_layers):
     hf = f"model.layers.{cfg.num_hidden_layers + k}."
-    specs += [Spec(("mtp", k, "enorm", "scale"), (hf + "enorm.weight",), 0),
-              Spec(("mtp", k, "hnorm", "scale"), (hf + "hnorm.weight",), 0),
-              Spec(("mtp", k, "eh_proj"), (hf + "eh_proj.weight",), 1),
-              Spec(("mtp", k, "head_norm", "scale"), (hf + "shared_head.norm.weight",), 0)]
+    specs += [
+      Spec(("mtp", k, "enorm", "scale"), (hf + "enorm.weight",), 0),
+      Spec(("mtp", k, "hnorm", "scale"), (hf + "hnorm.weight",), 0),
+      Spec(("mtp", k, "eh_proj"), (hf + "eh_proj.weight",), 1),
+      Spec(("mtp", k, "head_norm", "scale"), (hf + "shared_head.norm.weight",), 0),
+    ]
     specs += _layer_specs(cfg, ("mtp", k, "block"), hf, cfg.n_routed_experts > 0)
   return specs
 
@@ -128,6 +148,7 @@ def _dequantizer(ckpt: st.Checkpoint, block: tuple[int, int]) -> Callable[[str],
         raise CheckpointError(f"FP8 tensor '{name}' has no '{scale_name}'")
       return dequantize_fp8(w, ckpt.get(scale_name), block)
     return w
+
   return read
 
 
@@ -137,8 +158,9 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] 
   out, inp = w.shape
   want = (-(-out // bo), -(-inp // bi))
   if tuple(scale_inv.shape) != want:
-    raise CheckpointError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {w.shape} "
-                          f"with blocks {block} (expected {want})")
+    raise CheckpointError(
+      f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {w.shape} with blocks {block} (expected {want})"
+    )
   s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), bo, axis=0), bi, axis=1)[:out, :inp]
   return np.asarray(w).astype(np.float32) * s
 
@@ -147,7 +169,8 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
   """Reads a local HF directory into a `Transformer` whose params are `dtype` (router kept fp32), placed
   by the logical rules on `mesh` (default: the mesh set with `jax.set_mesh`, else one device)."""
   if mesh is None:
-    from sharding.mesh import active_mesh
+    from ..sharding.mesh import active_mesh
+
     mesh = active_mesh()
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
@@ -157,9 +180,13 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
   name = jnp.dtype(dtype).name
   cfg = ModelConfig.from_hf(hf_cfg, param_dtype=name, dtype=jnp.dtype(compute_dtype or dtype).name)
   ckpt = st.Checkpoint(path)
-  if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in ckpt.keys()):
-    warnings.warn(f"{path}: config has {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds none "
-                  "(transformers does not save them); loading without MTP")
+  if cfg.num_nextn_predict_layers and not any(
+    k.startswith(f"model.layers.{cfg.num_hidden_layers}.") for k in ckpt.keys()
+  ):
+    warnings.warn(
+      f"{path}: config has {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds none "
+      "(transformers does not save them); loading without MTP"
+    )
     cfg = cfg.replace(num_nextn_predict_layers=0)
   quant = hf_cfg.get("quantization_config") or {}
   block = tuple(quant.get("weight_block_size") or (128, 128))
@@ -180,8 +207,9 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
     per = shape[1:] if stacked else shape
     for name in spec.hf:
       if ckpt.shape(name) != _hf_shape(per, n_in):
-        raise CheckpointError(f"shape mismatch for '{name}': checkpoint has {ckpt.shape(name)}, "
-                              f"config expects {_hf_shape(per, n_in)}")
+        raise CheckpointError(
+          f"shape mismatch for '{name}': checkpoint has {ckpt.shape(name)}, config expects {_hf_shape(per, n_in)}"
+        )
 
     def build(index, spec=spec, per=per, target=target, n_in=n_in, stacked=stacked):
       if stacked:
@@ -207,26 +235,33 @@ def _check_names(specs, flat, ckpt, cfg, path):
   have = set(ckpt.keys())
   missing = sorted(expected - have)
   if missing:
-    raise CheckpointError(f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    raise CheckpointError(
+      f"{path}: missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    )
   ignorable = set(_mtp_copies(cfg)) | {n + "_scale_inv" for n in expected}
   if cfg.tie_word_embeddings:
     ignorable.add("lm_head.weight")
   unexpected = sorted(n for n in have - expected - ignorable if not n.endswith("rotary_emb.inv_freq"))
   if unexpected:
-    raise CheckpointError(f"{path}: unexpected tensor '{unexpected[0]}'" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                          + f" for a {cfg.arch} model with {cfg.num_hidden_layers} layers")
+    raise CheckpointError(
+      f"{path}: unexpected tensor '{unexpected[0]}'"
+      + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+      + f" for a {cfg.arch} model with {cfg.num_hidden_layers} layers"
+    )
 
 
 def _shardings(state, mesh, rules):
   if mesh is None:
     return None
-  from sharding.rules import param_shardings
+  from ..sharding.rules import param_shardings
+
   return dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
 
 
 # ----------------------------------------------------------------------------------------------- save
-def save_hf(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int = 4 * 2**30,
-            tokenizer_dir: str | None = None) -> None:
+def save_hf(
+  model: Transformer, path: str, *, dtype=None, max_shard_bytes: int = 4 * 2**30, tokenizer_dir: str | None = None
+) -> None:
   """Writes config.json + safetensors (sharded with an index past `max_shard_bytes`), HF layout."""
   cfg: ModelConfig = model.cfg
   os.makedirs(path, exist_ok=True)
@@ -242,8 +277,14 @@ def save_hf(model: Transformer, path: str, *, dtype=None, max_shard_bytes: int =
     per = arr.shape[1:] if len(spec.hf) > 1 else arr.shape
     for e, name in enumerate(spec.hf):
       sel = e if len(spec.hf) > 1 else ...
-      tensors.append((name, _hf_shape(per, spec.n_in), out_dt,
-                      lambda p=spec.path, sel=sel, n=spec.n_in: _ours_to_hf(fetch(p)[sel], n)))
+      tensors.append(
+        (
+          name,
+          _hf_shape(per, spec.n_in),
+          out_dt,
+          lambda p=spec.path, sel=sel, n=spec.n_in: _ours_to_hf(fetch(p)[sel], n),
+        )
+      )
   for name, (p, n_in) in _mtp_copies(cfg).items():
     arr = flat[p].get_value()
     out_dt = np.dtype(dtype) if dtype is not None else np.dtype(arr.dtype)

@@ -1,11 +1,12 @@
 """Small building blocks: parameters with logical axis names, RMSNorm, the SwiGLU MLP."""
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
+from .config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -14,8 +15,9 @@ class RouterBias(nnx.Variable):
   """Aux-loss-free routing bias: state, moved by the trainer's balance rule, never by gradients."""
 
 
-def param(rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], cfg: ModelConfig, *, init="normal",
-          dtype=None) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape, axes: tuple[str | None, ...], cfg: ModelConfig, *, init="normal", dtype=None
+) -> nnx.Param:
   """A parameter carrying logical axis names in its `axes` metadata (mapped to a mesh by sharding.rules)."""
   assert len(shape) == len(axes), (shape, axes)
   dtype = dtype or DTYPES[cfg.param_dtype]

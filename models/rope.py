@@ -1,4 +1,5 @@
 """Rotary position embeddings: plain RoPE, YaRN (with its attention-scale correction) and Llama 3 scaling."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig, RopeConfig, yarn_mscale
+from .config import ModelConfig, RopeConfig, yarn_mscale
 
 
 def inv_frequencies(r: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
@@ -23,9 +24,11 @@ def inv_frequencies(r: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
     medium = (wave >= hi_wave) & (wave <= lo_wave)
     return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+
   # YaRN: interpolate low-frequency pairs by `factor`, keep high-frequency ones, linear ramp between.
   def corr(n_rot):
     return dim * math.log(r.original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(r.theta))
+
   low, high = corr(r.beta_fast), corr(r.beta_slow)
   if r.truncate:
     low, high = math.floor(low), math.ceil(high)
@@ -47,8 +50,8 @@ def inv_frequencies(r: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
 def softmax_scale(cfg: ModelConfig) -> float:
   """Attention logit scale; MLA multiplies in mscale(factor, mscale_all_dim)^2 when YaRN is on."""
   if not cfg.is_mla:
-    return cfg.gqa_head_dim ** -0.5
-  scale = cfg.qk_head_dim ** -0.5
+    return cfg.gqa_head_dim**-0.5
+  scale = cfg.qk_head_dim**-0.5
   r = cfg.rope
   if r.type != "default" and r.mscale_all_dim:
     scale *= yarn_mscale(r.factor, r.mscale_all_dim) ** 2
@@ -59,7 +62,7 @@ class Rope:
   """Holds the frequency table; `cos_sin(positions_BT)` -> (cos, sin) each [B, T, dim/2] float32."""
 
   def __init__(self, cfg: ModelConfig):
-    self.key = (cfg.rope, cfg.rope_dim)   # value equality: equal configs give equal graphdefs (jit cache hits)
+    self.key = (cfg.rope, cfg.rope_dim)  # value equality: equal configs give equal graphdefs (jit cache hits)
     inv, att = inv_frequencies(cfg.rope, cfg.rope_dim)
     self.inv_freq = inv
     self.attention_factor = att

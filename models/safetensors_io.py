@@ -3,19 +3,31 @@
 We parse the format ourselves (8-byte header length, JSON header, raw little-endian bytes) so that a
 tensor is a numpy memmap view: slicing it reads only the bytes it needs, and fp8/bf16 need no torch.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
+}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
@@ -82,12 +94,15 @@ class Checkpoint:
     if path not in self._maps:
       self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
     start, end = info["data_offsets"]
-    buf = self._maps[path][offset + start: offset + end]
+    buf = self._maps[path][offset + start : offset + end]
     return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def write(path: str, tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-          metadata: dict[str, str] | None = None):
+def write(
+  path: str,
+  tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+  metadata: dict[str, str] | None = None,
+):
   """Writes tensors given as (name, shape, dtype, produce); each is produced, written and dropped in turn."""
   header, offset = {}, 0
   for name, shape, dtype, _ in tensors:

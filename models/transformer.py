@@ -1,4 +1,5 @@
 """The decoder stack (dense / MoE layers), multi-token-prediction modules, and forward with a cache."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -7,18 +8,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import GQA, MLA, causal_mask
-from models.config import ModelConfig
-from models.layers import DTYPES, MLP, RMSNorm, param
-from models.moe import MoE, Routing
+from .attention import GQA, MLA, causal_mask
+from .config import ModelConfig
+from .layers import DTYPES, MLP, RMSNorm, param
+from .moe import MoE, Routing
 
 
 class Output(NamedTuple):
-  logits_BTV: jax.Array                 # float32
-  hidden_BTD: jax.Array                 # last hidden state after the final norm
-  cache: Any                            # updated cache (None without one)
-  routing: tuple[Routing, ...]          # one per MoE layer (main stack), in layer order
-  mtp_logits: tuple[jax.Array, ...]     # depth k predicts token t+k+1 at position t (last k+1 invalid)
+  logits_BTV: jax.Array  # float32
+  hidden_BTD: jax.Array  # last hidden state after the final norm
+  cache: Any  # updated cache (None without one)
+  routing: tuple[Routing, ...]  # one per MoE layer (main stack), in layer order
+  mtp_logits: tuple[jax.Array, ...]  # depth k predicts token t+k+1 at position t (last k+1 invalid)
   mtp_routing: tuple[Routing, ...]
 
 
@@ -82,8 +83,18 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens_BT):
     return self.embed[...].astype(self.dtype)[tokens_BT]
 
-  def forward(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, cache=None, mtp: bool = False,
-              replay_experts=None, last_only: bool = False, remat: bool = False) -> Output:
+  def forward(
+    self,
+    tokens_BT,
+    *,
+    positions_BT=None,
+    segment_ids_BT=None,
+    cache=None,
+    mtp: bool = False,
+    replay_experts=None,
+    last_only: bool = False,
+    remat: bool = False,
+  ) -> Output:
     """tokens [B, T] int32. With `cache` (from `init_cache`) tokens are written at slots `positions`.
 
     `segment_ids_BT` keeps packed documents apart; `replay_experts` (one [B, T, K] per MoE layer) forces
@@ -114,13 +125,14 @@ class Transformer(nnx.Module):
       mtp_mask = causal_mask(positions_BT, segment_ids_BT)
       hk = h
       for k, module in enumerate(self.mtp, start=1):
-        next_tokens = jnp.roll(tokens_BT, -k, axis=1)    # t_{i+k}; the last k positions wrap (invalid)
+        next_tokens = jnp.roll(tokens_BT, -k, axis=1)  # t_{i+k}; the last k positions wrap (invalid)
         hk, r = module(hk, self.embed_tokens(next_tokens), positions_BT, mtp_mask)
         mtp_logits.append(self.head(module.head_norm(hk)))
         if r is not None:
           mtp_routing.append(r)
-    return Output(logits, h, None if cache is None else new_cache, tuple(routing), tuple(mtp_logits),
-                  tuple(mtp_routing))
+    return Output(
+      logits, h, None if cache is None else new_cache, tuple(routing), tuple(mtp_logits), tuple(mtp_routing)
+    )
 
   def init_cache(self, batch: int, length: int, dtype=None):
     """A zeroed cache for `batch` rows of `length` slots (MLA: kv_lora + rope numbers a token a layer)."""

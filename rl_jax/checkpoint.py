@@ -9,6 +9,7 @@
 Training stages add items (optimizer state, RNG, data-iterator state) next to `params` in the same
 step directory; `load_model` restores `params` alone, so an eval needs only the model part.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,15 +21,17 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-import models
-from models.config import ModelConfig, RopeConfig
+from rl_jax import models
+from rl_jax.models.config import ModelConfig, RopeConfig
 
 
 class CheckpointNotFound(FileNotFoundError):
   pass
 
 
-def manager(directory: str, *, keep: int | None = None, async_save: bool = False, extra_items=()) -> ocp.CheckpointManager:
+def manager(
+  directory: str, *, keep: int | None = None, async_save: bool = False, extra_items=()
+) -> ocp.CheckpointManager:
   handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   for name, handler in extra_items:
     handlers[name] = handler
@@ -46,8 +49,14 @@ def config_from_json(d: dict[str, Any]) -> ModelConfig:
   return ModelConfig(**d).validate()
 
 
-def save_model(directory: str, model: models.Transformer, *, step: int = 0, tokenizer_dir: str | None = None,
-               meta: dict[str, Any] | None = None) -> str:
+def save_model(
+  directory: str,
+  model: models.Transformer,
+  *,
+  step: int = 0,
+  tokenizer_dir: str | None = None,
+  meta: dict[str, Any] | None = None,
+) -> str:
   """Writes the model's params at `step` plus its config (and tokenizer files) to `directory`."""
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
@@ -65,7 +74,8 @@ def save_model(directory: str, model: models.Transformer, *, step: int = 0, toke
 
 
 def copy_tokenizer(src: str, dst: str) -> None:
-  from models.hf import copy_tokenizer_files
+  from rl_jax.models.hf import copy_tokenizer_files
+
   os.makedirs(dst, exist_ok=True)
   copy_tokenizer_files(src, dst)
 
@@ -87,12 +97,14 @@ def latest_step(directory: str) -> int:
   return step
 
 
-def load_model(directory: str, *, step: int | None = None, mesh=None, rules=None, **config_overrides
-               ) -> models.Transformer:
+def load_model(
+  directory: str, *, step: int | None = None, mesh=None, rules=None, **config_overrides
+) -> models.Transformer:
   """Builds the model described by the checkpoint and restores its params onto `mesh` (default: the mesh
   set with `jax.set_mesh`, else one device)."""
   if mesh is None:
-    from sharding.mesh import active_mesh
+    from rl_jax.sharding.mesh import active_mesh
+
     mesh = active_mesh()
   cfg = read_model_config(directory)
   if config_overrides:
@@ -100,10 +112,14 @@ def load_model(directory: str, *, step: int | None = None, mesh=None, rules=None
   abstract = nnx.eval_shape(lambda: models.Transformer(cfg, nnx.Rngs(params=0)))
   graphdef, abs_state = nnx.split(abstract)
   if mesh is not None:
-    from sharding.rules import param_shardings
+    from rl_jax.sharding.rules import param_shardings
+
     shardings = param_shardings(abs_state, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abs_state.to_pure_dict(), shardings.to_pure_dict())
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abs_state.to_pure_dict(),
+      shardings.to_pure_dict(),
+    )
   else:
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abs_state.to_pure_dict())
@@ -137,8 +153,9 @@ def tokenizer_dir(directory: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------- training state
-def save_train(mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str, Any], data_state=None,
-               run_dir: str | None = None) -> None:
+def save_train(
+  mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str, Any], data_state=None, run_dir: str | None = None
+) -> None:
   """Saves params (+ router bias) as `params` (what load_model reads), optimizer/step/RNG as `train`,
   configs as `meta`, and this process's data-iterator state as JSON beside the checkpoints."""
   if data_state is not None and run_dir is not None:
@@ -150,18 +167,25 @@ def save_train(mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str,
     os.replace(tmp, os.path.join(d, f"step_{step}_proc_{jax.process_index()}.json"))
   full = nnx.merge_state(state.params, state.bias).to_pure_dict()
   train = {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
-  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(full), train=ocp.args.StandardSave(train),
-                                          meta=ocp.args.JsonSave({"step": int(step), **meta})))
-  if run_dir is not None:   # drop the iterator states of checkpoints orbax has deleted (checkpoint.keep)
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(full),
+      train=ocp.args.StandardSave(train),
+      meta=ocp.args.JsonSave({"step": int(step), **meta}),
+    ),
+  )
+  if run_dir is not None:  # drop the iterator states of checkpoints orbax has deleted (checkpoint.keep)
     d, suffix = os.path.join(run_dir, "data_state"), f"_proc_{jax.process_index()}.json"
     kept = set(mngr.all_steps()) | {step}
     for name in os.listdir(d) if os.path.isdir(d) else ():
-      if name.startswith("step_") and name.endswith(suffix) and int(name[5:-len(suffix)]) not in kept:
+      if name.startswith("step_") and name.endswith(suffix) and int(name[5 : -len(suffix)]) not in kept:
         os.remove(os.path.join(d, name))
 
 
 def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, run_dir: str | None = None):
   """Restores a TrainState saved by `save_train` onto `shardings` (any mesh); returns (state, data_state)."""
+
   def target(abs_tree, sh_tree):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_tree, sh_tree)
 
@@ -170,17 +194,23 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
   train_abs = {"step": abstract_state.step, "rng": abstract_state.rng, "opt_state": abstract_state.opt_state}
   train_sh = {"step": shardings.step, "rng": shardings.rng, "opt_state": shardings.opt_state}
   try:
-    r = mngr.restore(step, args=ocp.args.Composite(
+    r = mngr.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(target(full_abs.to_pure_dict(), full_sh.to_pure_dict())),
-        train=ocp.args.StandardRestore(target(train_abs, train_sh))))
+        train=ocp.args.StandardRestore(target(train_abs, train_sh)),
+      ),
+    )
   except Exception as e:
     raise ValueError(_unreadable(mngr, step, e)) from None
   nnx.replace_by_pure_dict(full_abs, r["params"])
   params = nnx.filter_state(full_abs, nnx.Param)
-  from models.layers import RouterBias
+  from rl_jax.models.layers import RouterBias
+
   bias = nnx.filter_state(full_abs, RouterBias)
-  state = type(abstract_state)(step=r["train"]["step"], params=params, bias=bias,
-                               opt_state=r["train"]["opt_state"], rng=r["train"]["rng"])
+  state = type(abstract_state)(
+    step=r["train"]["step"], params=params, bias=bias, opt_state=r["train"]["opt_state"], rng=r["train"]["rng"]
+  )
   data_state = None
   if run_dir is not None:
     p = os.path.join(run_dir, "data_state", f"step_{step}_proc_{jax.process_index()}.json")

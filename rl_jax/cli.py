@@ -3,6 +3,7 @@
 Training-style commands share one schema:
     rl-jax <command> --config FILE [--run-dir DIR] [--init CHECKPOINT] [key.path=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_config(args):
   from rl_jax.config import load_run_config
+
   overrides = list(args.overrides)
   if args.run_dir:
     overrides.append(f"run_dir={args.run_dir}")
@@ -32,20 +34,22 @@ def _run_config(args):
 def cmd_convert(args) -> None:
   import jax.numpy as jnp
 
-  import models
-  from rl_jax import checkpoint
+  from rl_jax import checkpoint, models
+
   t0 = time.time()
   model = models.load_hf(args.hf, dtype=jnp.dtype(args.dtype))
   tok = args.hf if os.path.exists(os.path.join(args.hf, "tokenizer.json")) else None
   checkpoint.save_model(args.out, model, tokenizer_dir=tok, meta={"source": os.path.abspath(args.hf)})
   n = models.count_params(model)
-  print(f"converted {args.hf} -> {args.out}: {model.cfg.arch}, {n / 1e6:.2f}M params, {args.dtype}"
-        f"{', tokenizer' if tok else ''} ({time.time() - t0:.1f}s)")
+  print(
+    f"converted {args.hf} -> {args.out}: {model.cfg.arch}, {n / 1e6:.2f}M params, {args.dtype}"
+    f"{', tokenizer' if tok else ''} ({time.time() - t0:.1f}s)"
+  )
 
 
 def cmd_export(args) -> None:
-  import models
-  from rl_jax import checkpoint
+  from rl_jax import checkpoint, models
+
   model = checkpoint.load_model(args.checkpoint)
   models.save_hf(model, args.hf_out, dtype=args.dtype, tokenizer_dir=checkpoint.tokenizer_dir(args.checkpoint))
   print(f"exported {args.checkpoint} -> {args.hf_out} (config.json + safetensors)")
@@ -53,12 +57,13 @@ def cmd_export(args) -> None:
 
 def cmd_init(args) -> None:
   """A randomly initialised model from a preset, as an rl-jax checkpoint and/or a HF directory."""
-  import models
-  from models.config import preset
-  from rl_jax import checkpoint
+  from rl_jax import checkpoint, models
+  from rl_jax.models.config import preset
+
   overrides = {}
   for o in args.set or []:
     import yaml
+
     k, v = o.split("=", 1)
     overrides[k] = yaml.safe_load(v)
   cfg = preset(args.model, **overrides)
@@ -79,11 +84,21 @@ def cmd_info(args) -> None:
   import json
 
   from rl_jax import checkpoint
+
   cfg = checkpoint.read_model_config(args.checkpoint)
   counts = cfg.param_counts()
-  print(json.dumps({"model": checkpoint.config_to_json(cfg), "latest_step": checkpoint.latest_step(args.checkpoint),
-                    "params_total": counts["total"] + counts["mtp"], "params_active": counts["active"],
-                    "tokenizer": checkpoint.tokenizer_dir(args.checkpoint)}, indent=2))
+  print(
+    json.dumps(
+      {
+        "model": checkpoint.config_to_json(cfg),
+        "latest_step": checkpoint.latest_step(args.checkpoint),
+        "params_total": counts["total"] + counts["mtp"],
+        "params_active": counts["active"],
+        "tokenizer": checkpoint.tokenizer_dir(args.checkpoint),
+      },
+      indent=2,
+    )
+  )
 
 
 class _TextStream:
@@ -95,6 +110,7 @@ class _TextStream:
 
   def add(self, token_id: int) -> None:
     from rl_jax.data import tokenizer as toks
+
     self.ids.append(int(token_id))
     text = toks.decode(self.tok, self.ids)
     if not text.endswith("\ufffd"):
@@ -102,13 +118,14 @@ class _TextStream:
 
   def close(self) -> None:
     from rl_jax.data import tokenizer as toks
+
     self._show(toks.decode(self.tok, self.ids))
     self.out.write("\n")
     self.out.flush()
 
   def _show(self, text: str) -> None:
     if len(text) > self.shown:
-      self.out.write(text[self.shown:])
+      self.out.write(text[self.shown :])
       self.out.flush()
       self.shown = len(text)
 
@@ -117,7 +134,8 @@ def cmd_generate(args) -> None:
   """Streams sample 0 as it is decoded; further samples (--num-samples) print when all are done."""
   from rl_jax import checkpoint, sampling
   from rl_jax.data import tokenizer as toks
-  checkpoint.read_model_config(args.checkpoint)        # "not a checkpoint" before "no tokenizer"
+
+  checkpoint.read_model_config(args.checkpoint)  # "not a checkpoint" before "no tokenizer"
   tdir = checkpoint.tokenizer_dir(args.checkpoint)
   if tdir is None:
     raise ValueError(f"{args.checkpoint} has no tokenizer/ to encode --prompt with")
@@ -125,15 +143,23 @@ def cmd_generate(args) -> None:
   model = checkpoint.load_model(args.checkpoint, moe_capacity_factor=None)
   tok = toks.load(tdir)
   vocab = toks.Vocab.from_tokenizer(tok)
-  prompt = [vocab.bos_id] + toks.encode(tok, args.prompt)      # as the data pipeline encodes documents
+  prompt = [vocab.bos_id] + toks.encode(tok, args.prompt)  # as the data pipeline encodes documents
   out = sys.stdout
   out.write(f"--- sample 0\n{args.prompt}")
   out.flush()
   text0 = _TextStream(tok, out)
-  res = sampling.generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, eos_id=vocab.eos_id, seed=args.seed,
-                          num_samples=args.num_samples,
-                          stream=lambda tokens, active: text0.add(tokens[0]) if active[0] else None)
+  res = sampling.generate(
+    model,
+    [prompt],
+    max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature,
+    top_p=args.top_p,
+    top_k=args.top_k,
+    eos_id=vocab.eos_id,
+    seed=args.seed,
+    num_samples=args.num_samples,
+    stream=lambda tokens, active: text0.add(tokens[0]) if active[0] else None,
+  )
   text0.close()
   for i in range(len(res.lengths)):
     n = int(res.lengths[i])
@@ -146,29 +172,40 @@ def cmd_generate(args) -> None:
 def cmd_pretrain(args) -> None:
   from rl_jax.config import model_config
   from rl_jax.train import loop
+
   run = _run_config(args)
   if args.command == "extend":
     rope = model_config(run).rope
     if rope.type != "yarn" or rope.factor <= 1:
-      raise ValueError(f"rl-jax extend needs model.rope.type=yarn with model.rope.factor > 1 "
-                       f"(got type={rope.type}, factor={rope.factor}); see configs/extend_tiny.yaml")
+      raise ValueError(
+        f"rl-jax extend needs model.rope.type=yarn with model.rope.factor > 1 "
+        f"(got type={rope.type}, factor={rope.factor}); see configs/extend_tiny.yaml"
+      )
     resuming = os.path.isdir(os.path.join(run.run_dir or os.path.join("runs", "extend"), "checkpoints"))
     if not run.init and not resuming:
-      raise ValueError("rl-jax extend continues a trained model: pass --init CHECKPOINT (the pretrain run's checkpoints)")
+      raise ValueError(
+        "rl-jax extend continues a trained model: pass --init CHECKPOINT (the pretrain run's checkpoints)"
+      )
   last = loop.train(run, stage=args.command)
   if last:
-    print(f"{args.command} done: step {last['step']}, loss {last['loss']:.4f} -> {run.run_dir or 'runs/' + args.command}")
+    print(
+      f"{args.command} done: step {last['step']}, loss {last['loss']:.4f} -> {run.run_dir or 'runs/' + args.command}"
+    )
 
 
 def cmd_bench(args) -> None:
   import json
 
   from rl_jax import bench
+
   if args.what == "train":
     print(json.dumps(bench.bench_train(_run_config(args), steps=args.steps), indent=2))
   else:
-    bench.bench_sample(presets=tuple(args.presets.split(",")), batches=tuple(int(b) for b in args.batches.split(",")),
-                       new_tokens=args.new_tokens)
+    bench.bench_sample(
+      presets=tuple(args.presets.split(",")),
+      batches=tuple(int(b) for b in args.batches.split(",")),
+      new_tokens=args.new_tokens,
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -212,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=cmd_generate)
 
-  for name, text in (("pretrain", "pretrain (next-token + MTP, aux-loss-free balancing); resumes"),
-                     ("extend", "YaRN context extension: a pretrain stage with model.rope.type=yarn")):
+  for name, text in (
+    ("pretrain", "pretrain (next-token + MTP, aux-loss-free balancing); resumes"),
+    ("extend", "YaRN context extension: a pretrain stage with model.rope.type=yarn"),
+  ):
     p = sub.add_parser(name, help=text)
     _add_run_args(p)
     p.set_defaults(fn=cmd_pretrain)
@@ -233,7 +272,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
-  except (ValueError, FileNotFoundError) as e:   # config / checkpoint / data errors: one line, no traceback
+  except (ValueError, FileNotFoundError) as e:  # config / checkpoint / data errors: one line, no traceback
     print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
     return 2
   return 0

@@ -2,6 +2,7 @@
 
 Shapes: logits [B, T, V] float32, targets/mask [B, T]. Every mean is over real (mask=1) tokens.
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,8 +50,8 @@ def balance_loss(scores_BTE, experts_BTK, mask_BT):
   B, T, E = scores_BTE.shape
   K = experts_BTK.shape[-1]
   mask = mask_BT.astype(jnp.float32)
-  n = jnp.maximum(mask.sum(1), 1.0)                                           # tokens per sequence
-  chosen = jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32).sum(2)            # [B, T, E]
+  n = jnp.maximum(mask.sum(1), 1.0)  # tokens per sequence
+  chosen = jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32).sum(2)  # [B, T, E]
   f = E / (K * n[:, None]) * (chosen * mask[..., None]).sum(1)
   p = ((scores_BTE / scores_BTE.sum(-1, keepdims=True)) * mask[..., None]).sum(1) / n[:, None]
   return (f * p).sum(-1).mean()
@@ -66,7 +67,7 @@ def z_loss(logits_BTV, mask_BT):
   """Mean squared log-partition (PaLM-style), keeps logits from drifting."""
   mask = mask_BT.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
-  return (logz ** 2 * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return (logz**2 * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def bias_update(bias_E, load_E, gamma: float):

@@ -1,4 +1,5 @@
 """Run outputs: metrics.jsonl, TensorBoard events, a progress bar, and plots."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ from tqdm import tqdm
 class MetricsWriter:
   """Writes one JSON object per logged step (process 0 only) and mirrors scalars to TensorBoard."""
 
-  def __init__(self, run_dir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-               desc: str = "train"):
+  def __init__(self, run_dir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True, desc: str = "train"):
     self.enabled = enabled
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.tb = None
@@ -20,11 +20,13 @@ class MetricsWriter:
       os.makedirs(run_dir, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(run_dir, "tb"), flush_secs=10)
-      except ImportError:   # TensorBoard is optional for a run; metrics.jsonl is the record
+      except ImportError:  # TensorBoard is optional for a run; metrics.jsonl is the record
         self.tb = None
-    self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not enabled, dynamic_ncols=True,
-                    mininterval=1.0)
+    self.bar = tqdm(
+      total=total_steps, initial=start_step, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0
+    )
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -71,8 +73,10 @@ def plot_metrics(run_dir: str, keys=("loss", "ce", "mtp", "load_imbalance", "lr"
   if not rows or not keys:
     return None
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
   for ax, k in zip(axes[0], keys):
     pts = [(r["step"], r[k]) for r in rows if k in r]
@@ -86,4 +90,3 @@ def plot_metrics(run_dir: str, keys=("loss", "ce", "mtp", "load_imbalance", "lr"
   fig.savefig(out, dpi=90)
   plt.close(fig)
   return out
-

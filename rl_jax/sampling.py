@@ -15,6 +15,7 @@ cache and the loop state are constrained to the batch mesh axes by the logical r
 cache over "tensor"); with no mesh the constraints are no-ops. `stream=` adds an ordered host callback
 to the decode loop (a separate compiled variant: the plain sampler carries no callback).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,29 +28,30 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from sharding.rules import constrain, resolve_rules, shard_count
+from rl_jax.sharding.rules import constrain, resolve_rules, shard_count
 
 PAD_ID = 0
 MIN_BUCKET = 8
 
 
 class SampleResult(NamedTuple):
-  tokens: np.ndarray                 # int32 [N, max_new_tokens]; PAD_ID after a row's end (EOS included)
-  logprobs: np.ndarray               # float32 [N, max_new_tokens]; unmodified log p(token); 0 after the end
-  lengths: np.ndarray                # int32 [N]; generated tokens, EOS counted
-  experts: np.ndarray | None         # int32 [N, max_new_tokens, n_moe_layers, K]; None for dense models
+  tokens: np.ndarray  # int32 [N, max_new_tokens]; PAD_ID after a row's end (EOS included)
+  logprobs: np.ndarray  # float32 [N, max_new_tokens]; unmodified log p(token); 0 after the end
+  lengths: np.ndarray  # int32 [N]; generated tokens, EOS counted
+  experts: np.ndarray | None  # int32 [N, max_new_tokens, n_moe_layers, K]; None for dense models
   prompt_experts: np.ndarray | None  # int32 [N, max_prompt_len, n_moe_layers, K]; 0 past a prompt's end
 
 
 class _State(NamedTuple):
   """The decode loop carry. Step t feeds token t-1 (recording its experts) and samples token t."""
-  t: jax.Array               # int32 []
-  tokens: jax.Array          # int32 [B, N]
-  logprobs: jax.Array        # float32 [B, N]
-  experts: Any               # int32 [B, N, L, K] or None
-  lengths: jax.Array         # int32 [B]
-  done: jax.Array            # bool [B]: no more tokens will be sampled for this row
-  cache: Any                 # per-layer cache, [B, P + N, ...]
+
+  t: jax.Array  # int32 []
+  tokens: jax.Array  # int32 [B, N]
+  logprobs: jax.Array  # float32 [B, N]
+  experts: Any  # int32 [B, N, L, K] or None
+  lengths: jax.Array  # int32 [B]
+  done: jax.Array  # bool [B]: no more tokens will be sampled for this row
+  cache: Any  # per-layer cache, [B, P + N, ...]
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -95,22 +97,31 @@ def _stack_experts(routing):
 # ------------------------------------------------------------------ sharding and streaming
 # Logical axes of the cache leaves (models/attention.py layouts). The MLA latent is shared by all heads,
 # so only its batch dim is split; a GQA cache also splits its kv heads (over "tensor" by default).
-CACHE_AXES = {"c": ("batch", "seq", None), "k_pe": ("batch", "seq", None),
-              "k": ("batch", "seq", "kv_heads", None), "v": ("batch", "seq", "kv_heads", None)}
+CACHE_AXES = {
+  "c": ("batch", "seq", None),
+  "k_pe": ("batch", "seq", None),
+  "k": ("batch", "seq", "kv_heads", None),
+  "v": ("batch", "seq", "kv_heads", None),
+}
 
 
 def _constrain_cache(cache, rules):
   return [{name: constrain(x, CACHE_AXES[name], rules) for name, x in layer.items()} for layer in cache]
 
 
-def _constrain_state(s: "_State", rules) -> "_State":
+def _constrain_state(s: _State, rules) -> _State:
   c = lambda x, *axes: constrain(x, ("batch",) + axes, rules)
-  return s._replace(tokens=c(s.tokens, None), logprobs=c(s.logprobs, None), lengths=c(s.lengths),
-                    done=c(s.done), cache=_constrain_cache(s.cache, rules),
-                    experts=None if s.experts is None else c(s.experts, None, None, None))
+  return s._replace(
+    tokens=c(s.tokens, None),
+    logprobs=c(s.logprobs, None),
+    lengths=c(s.lengths),
+    done=c(s.done),
+    cache=_constrain_cache(s.cache, rules),
+    experts=None if s.experts is None else c(s.experts, None, None, None),
+  )
 
 
-_SINKS: dict[int, Callable] = {}      # live stream callbacks, by the id passed to the compiled sampler
+_SINKS: dict[int, Callable] = {}  # live stream callbacks, by the id passed to the compiled sampler
 _SINK_IDS = itertools.count()
 
 
@@ -121,8 +132,24 @@ def _emit(sink_id, t, tok_B, active_B):
 
 
 # ------------------------------------------------------------------ the jitted program
-def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_B, seed, max_new, eos_id,
-                     sink_id=None, *, budget: int, temperature: float, top_k: int, top_p: float, rules=None):
+def _generate_device(
+  graphdef,
+  state,
+  prompts_BP,
+  prompt_len_B,
+  row_ids_B,
+  real_B,
+  seed,
+  max_new,
+  eos_id,
+  sink_id=None,
+  *,
+  budget: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  rules=None,
+):
   """prompts [B, P] right-padded; prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
   for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars; with
   `sink_id` every sampling step calls `_SINKS[sink_id](t, tokens [B], active [B])` on the host, in order."""
@@ -131,7 +158,7 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
   N = budget
   prompts_BP = constrain(prompts_BP, ("batch", None), rules)
   prompt_len_B, row_ids_B, real_B = (constrain(x, ("batch",), rules) for x in (prompt_len_B, row_ids_B, real_B))
-  keys_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)   # loop constants
+  keys_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)  # loop constants
 
   def select(logits_BV, t, done_B):
     step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B)
@@ -139,9 +166,10 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
     active_B = ~done_B & (t < max_new)
     tok_B = jnp.where(active_B, tok_B, PAD_ID)
     lp_B = jnp.where(active_B, _token_logprob(logits_BV, tok_B), 0.0)
-    if sink_id is not None:   # replicated first: the host callback reads them whole
-      io_callback(_emit, None, sink_id, t, constrain(tok_B, (None,), rules), constrain(active_B, (None,), rules),
-                  ordered=True)
+    if sink_id is not None:  # replicated first: the host callback reads them whole
+      io_callback(
+        _emit, None, sink_id, t, constrain(tok_B, (None,), rules), constrain(active_B, (None,), rules), ordered=True
+      )
     return tok_B, lp_B, active_B
 
   # PREFILL: the whole padded batch at once; each row's next-token logits sit at index len-1.
@@ -156,16 +184,22 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
   if prompt_experts is not None:
     experts = jnp.zeros((B, N) + prompt_experts.shape[2:], jnp.int32)
   lengths_B = active_B.astype(jnp.int32)
-  s = _State(t=jnp.int32(1), tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B),
-             logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B), experts=experts, lengths=lengths_B,
-             done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new), cache=out.cache)
+  s = _State(
+    t=jnp.int32(1),
+    tokens=jnp.zeros((B, N), jnp.int32).at[:, 0].set(tok_B),
+    logprobs=jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B),
+    experts=experts,
+    lengths=lengths_B,
+    done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new),
+    cache=out.cache,
+  )
   s = _constrain_state(s, rules)
 
   # DECODE: MoE models take one extra step so the last sampled token's routing gets recorded too.
   def cond(s: _State):
     if s.experts is None:
       return jnp.any(~s.done)
-    return jnp.any(s.lengths >= s.t)        # some row still has an unfed token t-1
+    return jnp.any(s.lengths >= s.t)  # some row still has an unfed token t-1
 
   def body(s: _State):
     t = s.t
@@ -175,16 +209,25 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
     experts = s.experts
     if experts is not None:
       fed_B = s.lengths >= t
-      step_experts = _stack_experts(out.routing)[:, 0]                           # [B, L, K]
+      step_experts = _stack_experts(out.routing)[:, 0]  # [B, L, K]
       old = experts[:, t - 1]
       experts = experts.at[:, t - 1].set(jnp.where(fed_B[:, None, None], step_experts, old))
     tok_B, lp_B, active_B = select(out.logits_BTV[:, 0], t, s.done)
     lengths_B = s.lengths + active_B
     done_B = s.done | (active_B & (tok_B == eos_id)) | (lengths_B >= max_new)
     # t == N only happens on the MoE feed-only step: 'drop' discards that out-of-range write.
-    return _constrain_state(_State(t=t + 1, tokens=s.tokens.at[:, t].set(tok_B, mode="drop"),
-                                   logprobs=s.logprobs.at[:, t].set(lp_B, mode="drop"), experts=experts,
-                                   lengths=lengths_B, done=done_B, cache=out.cache), rules)
+    return _constrain_state(
+      _State(
+        t=t + 1,
+        tokens=s.tokens.at[:, t].set(tok_B, mode="drop"),
+        logprobs=s.logprobs.at[:, t].set(lp_B, mode="drop"),
+        experts=experts,
+        lengths=lengths_B,
+        done=done_B,
+        cache=out.cache,
+      ),
+      rules,
+    )
 
   s = jax.lax.while_loop(cond, body, s)
   if prompt_experts is not None:
@@ -196,8 +239,17 @@ def _generate_device(graphdef, state, prompts_BP, prompt_len_B, row_ids_B, real_
 _COMPILED: dict[tuple, Any] = {}
 
 
-def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float, top_k: int, top_p: float,
-             rules: Mapping | None = None, stream: bool = False):
+def compiled(
+  graphdef,
+  batch: int,
+  prompt: int,
+  budget: int,
+  temperature: float,
+  top_k: int,
+  top_p: float,
+  rules: Mapping | None = None,
+  stream: bool = False,
+):
   """The jitted sampler for one (model structure, bucket, sampling settings, rules, streaming or not):
   built once, then reused. The streaming variant takes one more argument, the sink id."""
   rules_key = None if rules is None else tuple(sorted(resolve_rules(rules).items()))
@@ -206,15 +258,31 @@ def compiled(graphdef, batch: int, prompt: int, budget: int, temperature: float,
     table = None if rules_key is None else dict(rules_key)
 
     def fn(state, *args):
-      return _generate_device(graphdef, state, *args, budget=budget, temperature=float(temperature),
-                              top_k=int(top_k), top_p=float(top_p), rules=table)
+      return _generate_device(
+        graphdef,
+        state,
+        *args,
+        budget=budget,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        rules=table,
+      )
+
     _COMPILED[key] = jax.jit(fn)
   return _COMPILED[key]
 
 
 # ------------------------------------------------------------------ host entry point
-def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None = None, seed: int = 0,
-                  num_samples: int = 1, rules: Mapping | None = None):
+def device_inputs(
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  eos_id: int | None = None,
+  seed: int = 0,
+  num_samples: int = 1,
+  rules: Mapping | None = None,
+):
   """Buckets (B, P, N) and the sampler's array arguments for `prompts`, padded to the buckets."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -230,20 +298,37 @@ def device_inputs(prompts: list[list[int]], *, max_new_tokens: int, eos_id: int 
   # PAD: right-pad prompts to P, rows to B (padding rows: a 1-token prompt, done from the start).
   tokens_BP = np.full((B, P), PAD_ID, np.int32)
   for i, r in enumerate(rows):
-    tokens_BP[i, :len(r)] = r
+    tokens_BP[i, : len(r)] = r
   len_B = np.ones((B,), np.int32)
   len_B[:n] = lens
   real_B = np.arange(B) < n
   eos = -1 if eos_id is None else int(eos_id)
-  args = (jnp.asarray(tokens_BP), jnp.asarray(len_B), jnp.arange(B, dtype=jnp.int32), jnp.asarray(real_B),
-          jnp.uint32(seed), jnp.int32(max_new_tokens), jnp.int32(eos))
+  args = (
+    jnp.asarray(tokens_BP),
+    jnp.asarray(len_B),
+    jnp.arange(B, dtype=jnp.int32),
+    jnp.asarray(real_B),
+    jnp.uint32(seed),
+    jnp.int32(max_new_tokens),
+    jnp.int32(eos),
+  )
   return (B, P, N), args
 
 
-def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_id: int | None = None, seed: int = 0,
-             num_samples: int = 1, rules: Mapping | None = None,
-             stream: Callable[[np.ndarray, np.ndarray], None] | None = None) -> SampleResult:
+def generate(
+  model: nnx.Module,
+  prompts: list[list[int]],
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  top_k: int = 0,
+  eos_id: int | None = None,
+  seed: int = 0,
+  num_samples: int = 1,
+  rules: Mapping | None = None,
+  stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> SampleResult:
   """Samples `num_samples` completions per prompt (rows p*G .. p*G+G-1 belong to prompt p).
 
   `rules` overrides the logical sharding rules (used under `jax.set_mesh`). `stream(tokens [n], active [n])`
@@ -251,8 +336,9 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   `active` is False had already finished (their token is padding)."""
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-  (B, P, N), args = device_inputs(prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed,
-                                  num_samples=num_samples, rules=rules)
+  (B, P, N), args = device_inputs(
+    prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed, num_samples=num_samples, rules=rules
+  )
   n, max_prompt = len(prompts) * num_samples, max(len(p) for p in prompts)
 
   graphdef, state = nnx.split(model)
@@ -265,13 +351,15 @@ def generate(model: nnx.Module, prompts: list[list[int]], *, max_new_tokens: int
   try:
     out = jax.device_get(fn(state, *args))
     if sink_id is not None:
-      jax.effects_barrier()            # every callback has run before the sink goes
+      jax.effects_barrier()  # every callback has run before the sink goes
   finally:
     _SINKS.pop(sink_id, None)
   tok, lp, length, ex, pex = out
   T = max_new_tokens
   return SampleResult(
-      tokens=np.asarray(tok[:n, :T], np.int32), logprobs=np.asarray(lp[:n, :T], np.float32),
-      lengths=np.asarray(length[:n], np.int32),
-      experts=None if ex is None else np.asarray(ex[:n, :T], np.int32),
-      prompt_experts=None if pex is None else np.asarray(pex[:n, :max_prompt], np.int32))
+    tokens=np.asarray(tok[:n, :T], np.int32),
+    logprobs=np.asarray(lp[:n, :T], np.float32),
+    lengths=np.asarray(length[:n], np.int32),
+    experts=None if ex is None else np.asarray(ex[:n, :T], np.int32),
+    prompt_experts=None if pex is None else np.asarray(pex[:n, :max_prompt], np.int32),
+  )

@@ -24,6 +24,7 @@ copies of the tokens (still exact, redundant work), e.g. decoding with a small b
 With a capacity factor, drops depend on the mesh (per pair instead of per expert over all tokens), so
 results match the single-device capacity dispatch only when nothing overflows.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sharding.rules import logical_to_spec
+from .rules import logical_to_spec
 
 AXIS = "expert"
 
@@ -62,8 +63,10 @@ def specs(mesh, T: int, D: int, gate_shape, rules: Mapping | None = None):
   mlp_axes = _axes(w_spec[2])
   tok_axes = _axes(logical_to_spec(("batch", None), rules, mesh, (T, D))[0])
   if set(mlp_axes) & set(tok_axes):
-    raise ValueError(f"expert parallelism: 'moe_mlp' -> {mlp_axes} shares mesh axes with the token "
-                     f"batch {tok_axes}; shard moe_mlp over axes that do not split tokens (e.g. 'tensor')")
+    raise ValueError(
+      f"expert parallelism: 'moe_mlp' -> {mlp_axes} shares mesh axes with the token "
+      f"batch {tok_axes}; shard moe_mlp over axes that do not split tokens (e.g. 'tensor')"
+    )
   return tok_axes, mlp_axes
 
 
@@ -78,12 +81,12 @@ def _local_experts(rows_RD, ids_R, gate_EDI, up_EDI, down_EID):
   """SwiGLU of each row by its local expert (id == E_local: an empty slot, output 0)."""
   E_l = gate_EDI.shape[0]
   order = jnp.argsort(ids_R, stable=True)
-  sizes = jnp.bincount(ids_R, length=E_l).astype(jnp.int32)            # empty slots sort last, uncounted
+  sizes = jnp.bincount(ids_R, length=E_l).astype(jnp.int32)  # empty slots sort last, uncounted
   xs = rows_RD[order]
   h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_EDI, sizes)) * jax.lax.ragged_dot(xs, up_EDI, sizes)
   ys = jax.lax.ragged_dot(h, down_EID, sizes)
-  ys = jnp.zeros_like(ys).at[order].set(ys)                              # back to arrival order
-  return jnp.where((ids_R < E_l)[:, None], ys, 0)                        # rows past the groups: undefined
+  ys = jnp.zeros_like(ys).at[order].set(ys)  # back to arrival order
+  return jnp.where((ids_R < E_l)[:, None], ys, 0)  # rows past the groups: undefined
 
 
 def _ep_body(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, C: int, mlp_axes):
@@ -101,7 +104,7 @@ def _ep_body(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, C: int
   slot = jnp.arange(T * K) - (jnp.cumsum(sizes) - sizes)[shard_sorted]
   keep = slot < C
   token = order // K
-  dest = jnp.where(keep, shard_sorted * C + slot, n * C)                # n*C: dropped (out of range)
+  dest = jnp.where(keep, shard_sorted * C + slot, n * C)  # n*C: dropped (out of range)
   send_x = jnp.zeros((n * C, D), x_TD.dtype).at[dest].set(x_TD[token], mode="drop")
   send_id = jnp.full((n * C,), E_l, jnp.int32).at[dest].set(flat[order] % E_l, mode="drop")
 
@@ -116,11 +119,21 @@ def _ep_body(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, C: int
   ys = back.at[dest].get(mode="fill", fill_value=0)
   w = jnp.where(keep, weights_TK.reshape(-1)[order], 0).astype(ys.dtype)
   out = jnp.zeros_like(x_TD).at[token].add(ys * w[:, None])
-  return jax.lax.psum(out, mlp_axes) if mlp_axes else out              # partial sums over moe_mlp slices
+  return jax.lax.psum(out, mlp_axes) if mlp_axes else out  # partial sums over moe_mlp slices
 
 
-def moe_ffn(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, mesh, capacity_factor: float | None,
-            rules: Mapping | None = None):
+def moe_ffn(
+  x_TD,
+  weights_TK,
+  experts_TK,
+  gate_EDI,
+  up_EDI,
+  down_EID,
+  *,
+  mesh,
+  capacity_factor: float | None,
+  rules: Mapping | None = None,
+):
   """sum_k w_tk * Expert_{e_tk}(x_t) with the experts split over mesh axis "expert" (tokens all-to-all).
 
   x [T, D]; weights/experts [T, K] (global ids); gate/up [E, D, I], down [E, I, D]; `mesh` a Mesh or the
@@ -136,14 +149,31 @@ def moe_ffn(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID, *, mesh, c
   # check_vma=False: where tokens are copied over some axes (see the module docstring) the outputs are
   # equal copies that the varying-axes checker cannot prove; shard_map's transpose then psums the
   # cotangents of inputs over the axes they are replicated on (data-parallel gradient reduction).
-  fn = jax.shard_map(body, mesh=mesh, check_vma=False,
-                     in_specs=(tok, tok, tok, P(AXIS, None, mlp), P(AXIS, None, mlp), P(AXIS, mlp, None)),
-                     out_specs=tok)
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    check_vma=False,
+    in_specs=(tok, tok, tok, P(AXIS, None, mlp), P(AXIS, None, mlp), P(AXIS, mlp, None)),
+    out_specs=tok,
+  )
   return fn(x_TD, weights_TK, experts_TK, gate_EDI, up_EDI, down_EID)
 
 
-def moe_ffn_routed(x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int, mesh,
-                   capacity_factor: float | None, rules: Mapping | None = None):
+def moe_ffn_routed(
+  x_TD,
+  logits_TE,
+  bias_E,
+  replay_TK,
+  route_fn,
+  gate_EDI,
+  up_EDI,
+  down_EID,
+  *,
+  k: int,
+  mesh,
+  capacity_factor: float | None,
+  rules: Mapping | None = None,
+):
   """`moe_ffn` with the routing inside the shard_map: `route_fn(logits, bias, replay) -> (weights, experts,
   scores)` runs on each device's own tokens, so router scores are never gathered across token shards.
   Returns (y [T, D], (weights [T, K], experts [T, K], scores [T, E])), all split like the tokens."""
@@ -160,9 +190,13 @@ def moe_ffn_routed(x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_ED
     w, e, s = route_fn(logits, bias, rep if has_replay else None)
     return _ep_body(x, w, e, g, u, d, C=C, mlp_axes=mlp_axes), (w, e, s)
 
-  fn = jax.shard_map(body, mesh=mesh, check_vma=False,   # as in moe_ffn
-                     in_specs=(tok, tok, P(None), tok, P(AXIS, None, mlp), P(AXIS, None, mlp), P(AXIS, mlp, None)),
-                     out_specs=(tok, (tok, tok, tok)))
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    check_vma=False,  # as in moe_ffn
+    in_specs=(tok, tok, P(None), tok, P(AXIS, None, mlp), P(AXIS, None, mlp), P(AXIS, mlp, None)),
+    out_specs=(tok, (tok, tok, tok)),
+  )
   return fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
 
 

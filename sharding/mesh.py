@@ -1,4 +1,5 @@
 """Device meshes with axes ("data", "fsdp", "expert", "tensor"), and multi-host initialization."""
+
 from __future__ import annotations
 
 import os
@@ -44,6 +45,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, d
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
   except TypeError:  # older jax: no axis_types / devices keyword
     from jax.experimental import mesh_utils
+
     return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
 
 
@@ -73,8 +75,11 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
   if distributed is False:
     return False
   if distributed or coordinator:
-    kwargs = {"coordinator_address": coordinator, "num_processes": getattr(mesh_cfg, "num_processes", None),
-              "process_id": getattr(mesh_cfg, "process_id", None)}
+    kwargs = {
+      "coordinator_address": coordinator,
+      "num_processes": getattr(mesh_cfg, "num_processes", None),
+      "process_id": getattr(mesh_cfg, "process_id", None),
+    }
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
     return True
   if _multi_host_tpu():

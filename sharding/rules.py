@@ -4,8 +4,11 @@ Parameters carry logical names in their `axes` metadata (models/); this module t
 PartitionSpecs for a mesh with axes ("data", "fsdp", "expert", "tensor"). `rules` arguments take
 overrides (e.g. the run config's `mesh.rules`) merged over DEFAULT_RULES; None means the defaults.
 """
+
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import math
 from collections.abc import Mapping
@@ -36,6 +39,27 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "batch": ("data", "fsdp", "expert"),
   "seq": None,
 }
+
+
+_ACTIVE: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("rl_jax_sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping | None):
+  """Sets the rules overrides for everything inside, like `jax.set_mesh` sets the mesh: every spec built
+  without an explicit `rules=` argument (parameters, activations, the MoE shard_map) reads them.
+  Read at trace time: a function jitted inside one `use_rules` keeps those rules in its compiled form."""
+  token = _ACTIVE.set(resolve_rules(rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def current_rules() -> dict[str, tuple[str, ...]]:
+  """The rules set by the innermost `use_rules`, else DEFAULT_RULES (resolved)."""
+  active = _ACTIVE.get()
+  return resolve_rules(active) if active is None else active
 
 
 def resolve_rules(rules: Mapping | None = None) -> dict[str, tuple[str, ...]]:

@@ -2,6 +2,7 @@
 jax start-up; the persistent jit cache shares the compiled steps), and writes OUT/results.json for the
 test to check. Usage: python tests/_train_worker.py OUT
 """
+
 import contextlib
 import hashlib
 import io
@@ -15,16 +16,24 @@ import traceback
 
 OUT = sys.argv[1]
 PRETRAIN, EXTEND = "configs/pretrain_tiny.yaml", "configs/extend_tiny.yaml"
-N, L = 15, 32     # steps per leg; pretraining context (the extension trains and evaluates at 4L)
+N, L = 15, 32  # steps per leg; pretraining context (the extension trains and evaluates at 4L)
 TINY = ["model.num_hidden_layers=2", "train.batch_size=4", "train.log_every=1"]
-PRE = [*TINY, f"train.seq_len={L}", "optimizer.schedule=constant", "optimizer.warmup_steps=3", "optimizer.lr=1e-2",
-       "checkpoint.every=5", f"data.tokenizer={OUT}/tokenizer"]
+PRE = [
+  *TINY,
+  f"train.seq_len={L}",
+  "optimizer.schedule=constant",
+  "optimizer.warmup_steps=3",
+  "optimizer.lr=1e-2",
+  "checkpoint.every=5",
+  f"data.tokenizer={OUT}/tokenizer",
+]
 results = {}
 
 
 def cli(*args):
   """`rl-jax ARGS` in this process -> {rc, err, secs}."""
   from rl_jax import cli as rl_cli
+
   err, t0 = io.StringIO(), time.perf_counter()
   with contextlib.redirect_stderr(err):
     rc = rl_cli.main([str(a) for a in args])
@@ -58,6 +67,7 @@ def d(name):
 @scenario
 def tokenizer():
   from rl_jax import data
+
   data.save(data.train_bpe(itertools.islice(data.documents(0), 4000), 512), d("tokenizer"))
   return {"rc": 0}
 
@@ -66,7 +76,7 @@ def tokenizer():
 @scenario
 def run_a1():
   r = cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A"), *PRE, f"train.steps={N}")
-  for copy in ("A_nan", "A_bad"):       # the interrupted run, for the failure scenarios below
+  for copy in ("A_nan", "A_bad"):  # the interrupted run, for the failure scenarios below
     shutil.copytree(d("A"), d(copy))
   return r
 
@@ -91,33 +101,71 @@ def unknown_key():
 def nan_loss():
   before = digest(d("A_nan/checkpoints"))
   # every=1: a save is due right after the step that diverges, which must not be written
-  r = cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A_nan"), *PRE, f"train.steps={2 * N}", "optimizer.lr=1e30",
-          "checkpoint.every=1")
+  r = cli(
+    "pretrain",
+    "--config",
+    PRETRAIN,
+    "--run-dir",
+    d("A_nan"),
+    *PRE,
+    f"train.steps={2 * N}",
+    "optimizer.lr=1e30",
+    "checkpoint.every=1",
+  )
   return {**r, "intact": digest(d("A_nan/checkpoints")) == before}
 
 
 @scenario
 def corrupt():
-  files = [os.path.join(root, f) for root, _, fs in os.walk(d(f"A_bad/checkpoints/{N}/params")) for f in fs
-           if os.sep + "d" + os.sep in os.path.join(root, f)]          # ocdbt data files: the arrays
+  files = [
+    os.path.join(root, f)
+    for root, _, fs in os.walk(d(f"A_bad/checkpoints/{N}/params"))
+    for f in fs
+    if os.sep + "d" + os.sep in os.path.join(root, f)
+  ]  # ocdbt data files: the arrays
   victim = max(files, key=os.path.getsize)
   os.truncate(victim, os.path.getsize(victim) // 2)
-  return {**cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A_bad"), *PRE, f"train.steps={2 * N}"),
-          "victim": victim}
+  return {
+    **cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A_bad"), *PRE, f"train.steps={2 * N}"),
+    "victim": victim,
+  }
 
 
 # YARN: extend run B (trained at L) to 4L, then compare both on held-out 4L rows
 @scenario
 def extend():
-  return cli("extend", "--config", EXTEND, "--run-dir", d("E"), "--init", d("B/checkpoints"), *TINY,
-             f"model.rope.original_max_position_embeddings={L}", f"train.seq_len={4 * L}", "train.steps=15",
-             "optimizer.lr=3e-3", "optimizer.warmup_steps=2", "checkpoint.every=0")
+  return cli(
+    "extend",
+    "--config",
+    EXTEND,
+    "--run-dir",
+    d("E"),
+    "--init",
+    d("B/checkpoints"),
+    *TINY,
+    f"model.rope.original_max_position_embeddings={L}",
+    f"train.seq_len={4 * L}",
+    "train.steps=15",
+    "optimizer.lr=3e-3",
+    "optimizer.warmup_steps=2",
+    "checkpoint.every=0",
+  )
 
 
 @scenario
-def init_mismatch():     # --init from a checkpoint of another architecture (3 layers, B has 2)
-  return cli("extend", "--config", EXTEND, "--run-dir", d("E_bad"), "--init", d("B/checkpoints"), *TINY,
-             "model.num_hidden_layers=3", f"train.seq_len={4 * L}")
+def init_mismatch():  # --init from a checkpoint of another architecture (3 layers, B has 2)
+  return cli(
+    "extend",
+    "--config",
+    EXTEND,
+    "--run-dir",
+    d("E_bad"),
+    "--init",
+    d("B/checkpoints"),
+    *TINY,
+    "model.num_hidden_layers=3",
+    f"train.seq_len={4 * L}",
+  )
 
 
 @scenario
@@ -128,30 +176,40 @@ def long_context_eval():
   from flax import nnx
 
   from rl_jax import checkpoint, data, losses
+
   tok = data.load(d("tokenizer"))
-  it = data.make_iterator("procedural", tokenizer=tok, seq_len=4 * L, batch_size=16, seed=12345)   # held out
+  it = data.make_iterator("procedural", tokenizer=tok, seq_len=4 * L, batch_size=16, seed=12345)  # held out
   rows = [next(it) for _ in range(2)]
   batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
   def ce(model, mask):
     graphdef, state = nnx.split(model)
+
     @jax.jit
     def f(state, batch, mask):
-      out = nnx.merge(graphdef, state).forward(batch["tokens"], positions_BT=batch["positions"],
-                                               segment_ids_BT=batch["segment_ids"])
+      out = nnx.merge(graphdef, state).forward(
+        batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"]
+      )
       return losses.cross_entropy(out.logits_BTV, batch["targets"], mask)
+
     return float(f(state, {k: jnp.asarray(v) for k, v in batch.items()}, jnp.asarray(mask)))
 
   far = batch["loss_mask"] * (batch["positions"] >= L)
   near = batch["loss_mask"] * (batch["positions"] < L)
   original = checkpoint.load_model(d("B/checkpoints"))
   yarn_cfg = checkpoint.read_model_config(d("E/checkpoints")).rope
-  zero_shot = checkpoint.load_model(d("B/checkpoints"), rope=yarn_cfg)      # YaRN without training
+  zero_shot = checkpoint.load_model(d("B/checkpoints"), rope=yarn_cfg)  # YaRN without training
   extended = checkpoint.load_model(d("E/checkpoints"))
-  return {"rc": 0, "far_tokens": int(far.sum()), "extended_rope": checkpoint.config_to_json(extended.cfg)["rope"],
-          **{f"{name}_{part}": ce(m, mask) for name, m in
-             (("original", original), ("zero_shot_yarn", zero_shot), ("extended", extended))
-             for part, mask in (("near", near), ("far", far))}}
+  return {
+    "rc": 0,
+    "far_tokens": int(far.sum()),
+    "extended_rope": checkpoint.config_to_json(extended.cfg)["rope"],
+    **{
+      f"{name}_{part}": ce(m, mask)
+      for name, m in (("original", original), ("zero_shot_yarn", zero_shot), ("extended", extended))
+      for part, mask in (("near", near), ("far", far))
+    },
+  }
 
 
 with open(os.path.join(OUT, "results.json"), "w") as f:

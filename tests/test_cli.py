@@ -1,15 +1,15 @@
 """`rl-jax` commands end to end: streaming generate from a tiny checkpoint, convert/export round trip through
 the CLI, and the one-line error with exit code 2."""
+
 import itertools
 
 import numpy as np
 import pytest
 
-import models
-from models.config import preset
-from rl_jax import checkpoint, cli, sampling
-from rl_jax.data import procedural, tokenizer as toks
-
+from rl_jax import checkpoint, cli, models, sampling
+from rl_jax.data import procedural
+from rl_jax.data import tokenizer as toks
+from rl_jax.models.config import preset
 from tests import hf_models
 
 PROMPT = "Q: 12+7=? A:"
@@ -56,26 +56,43 @@ def test_generate_streams_sample_0(tiny_checkpoint, monkeypatch):
   monkeypatch.setattr(sampling, "generate", spy)
   monkeypatch.setattr("sys.stdout", out)
   prompt = PROMPT
-  rc = cli.main(["generate", "--checkpoint", ckpt, "--prompt", prompt, "--max-new-tokens", "12",
-                 "--num-samples", "2", "--temperature", "1.0", "--seed", "0"])
+  rc = cli.main(
+    [
+      "generate",
+      "--checkpoint",
+      ckpt,
+      "--prompt",
+      prompt,
+      "--max-new-tokens",
+      "12",
+      "--num-samples",
+      "2",
+      "--temperature",
+      "1.0",
+      "--seed",
+      "0",
+    ]
+  )
   assert rc == 0
   res = seen["res"]
   assert seen["capacity"] is None
   assert seen["prompt"] == [toks.Vocab.from_tokenizer(tok).bos_id] + toks.encode(tok, prompt)
-  texts = [toks.decode(tok, res.tokens[i, :res.lengths[i]]) for i in range(2)]
-  assert out.text() == (f"--- sample 0\n{prompt}{texts[0]}\n"
-                        f"[{res.lengths[0]} tokens, mean logprob {res.logprobs[0, :res.lengths[0]].mean():.3f}]\n"
-                        f"--- sample 1\n{prompt}{texts[1]}\n"
-                        f"[{res.lengths[1]} tokens, mean logprob {res.logprobs[1, :res.lengths[1]].mean():.3f}]\n")
+  texts = [toks.decode(tok, res.tokens[i, : res.lengths[i]]) for i in range(2)]
+  assert out.text() == (
+    f"--- sample 0\n{prompt}{texts[0]}\n"
+    f"[{res.lengths[0]} tokens, mean logprob {res.logprobs[0, : res.lengths[0]].mean():.3f}]\n"
+    f"--- sample 1\n{prompt}{texts[1]}\n"
+    f"[{res.lengths[1]} tokens, mean logprob {res.logprobs[1, : res.lengths[1]].mean():.3f}]\n"
+  )
   # Streamed: sample 0's text arrived in several pieces, all before generate returned.
-  streamed = out.writes[1:seen["writes_before_return"]]
+  streamed = out.writes[1 : seen["writes_before_return"]]
   assert len(streamed) >= 3 and "".join(streamed) == texts[0]
 
 
 def test_stream_reports_every_step_in_order(tiny_checkpoint):
   """The callback `generate(stream=...)` gets: one call per step, every row's token, inactive rows flagged."""
   ckpt, tok = tiny_checkpoint
-  model = checkpoint.load_model(ckpt, moe_capacity_factor=None)     # the CLI's compiled sampler is reused
+  model = checkpoint.load_model(ckpt, moe_capacity_factor=None)  # the CLI's compiled sampler is reused
   prompt = [toks.Vocab.from_tokenizer(tok).bos_id] + toks.encode(tok, PROMPT)
   kw = dict(max_new_tokens=12, temperature=1.0, seed=0, num_samples=2)
 
@@ -87,7 +104,7 @@ def test_stream_reports_every_step_in_order(tiny_checkpoint):
   free, tokens, active = run()
   assert active.all() and tokens.shape == (2, 12)
   np.testing.assert_array_equal(tokens, free.tokens)
-  eos = int(free.tokens[0, 4])                      # row 0 now stops by step 4, row 1 when (if) it meets it
+  eos = int(free.tokens[0, 4])  # row 0 now stops by step 4, row 1 when (if) it meets it
   res, tokens, active = run(eos_id=eos)
   assert res.lengths[0] <= 5 and tokens.shape[1] == res.lengths.max()
   for i in range(2):
@@ -99,6 +116,7 @@ def test_stream_reports_every_step_in_order(tiny_checkpoint):
 def test_convert_export_round_trip(tmp_path, capsys):
   torch = hf_models._torch()
   from transformers import AutoModelForCausalLM
+
   hf = hf_models.qwen2(str(tmp_path / "hf"))
   ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
   assert cli.main(["convert", "--hf", str(tmp_path / "hf"), "--out", ckpt, "--dtype", "float32"]) == 0
@@ -121,6 +139,7 @@ def test_missing_checkpoint_is_one_line_error(argv, tmp_path, capsys):
 
 def test_extend_requires_yarn_and_an_init(tmp_path, capsys):
   from rl_jax import cli
+
   assert cli.main(["extend", "--run-dir", str(tmp_path / "e"), "train.steps=1"]) == 2
   assert "model.rope.type=yarn" in capsys.readouterr().err
   assert cli.main(["extend", "--config", "configs/extend_tiny.yaml", "--run-dir", str(tmp_path / "e")]) == 2

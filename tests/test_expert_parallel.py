@@ -1,4 +1,5 @@
 """sharding.expert_parallel: experts split over the "expert" axis, tokens all-to-all, on 8 fake CPU devices."""
+
 import os
 import re
 import subprocess
@@ -7,17 +8,17 @@ import sys
 import pytest
 from jax.sharding import AbstractMesh
 
-from sharding import AXES
-from sharding.expert_parallel import capacity, specs
+from rl_jax.sharding import AXES
+from rl_jax.sharding.expert_parallel import capacity, specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAG = "--xla_force_host_platform_device_count=8"
 
 
 def test_specs_and_capacity():
-  ep = AbstractMesh((2, 1, 4, 1), AXES)                   # data=2, expert=4
+  ep = AbstractMesh((2, 1, 4, 1), AXES)  # data=2, expert=4
   assert specs(ep, 128, 64, (8, 64, 32)) == (("data", "expert"), ())
-  assert specs(ep, 4, 64, (8, 64, 32)) == (("data",), ())   # 4 tokens: copies over "expert"
+  assert specs(ep, 4, 64, (8, 64, 32)) == (("data",), ())  # 4 tokens: copies over "expert"
   assert specs(AbstractMesh((1, 2, 2, 2), AXES), 128, 64, (8, 64, 32)) == (("fsdp", "expert"), ("tensor",))
   assert capacity(16, 2, 4, None) == 32 and capacity(16, 2, 4, 1.0) == 8 and capacity(16, 2, 4, 100.0) == 32
   with pytest.raises(ValueError, match="6 routed experts do not divide"):
@@ -29,15 +30,15 @@ def test_specs_and_capacity():
 
 
 # 8 DEVICES: a fresh process, so the device-count flag holds whatever imported jax first.
-SCRIPT = r'''
+SCRIPT = r"""
 import dataclasses, math, re, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from models import Transformer, build
-from models.config import preset
-from sharding import create_sharded, make_mesh
-from sharding.expert_parallel import moe_ffn
+from rl_jax.models import Transformer, build
+from rl_jax.models.config import preset
+from rl_jax.sharding import create_sharded, make_mesh
+from rl_jax.sharding.expert_parallel import moe_ffn
 
 assert jax.device_count() == 8
 t0 = time.perf_counter()
@@ -120,7 +121,7 @@ print(f"DROPS C={C} dropped={dropped}/{T * K} err={err:.2e}")
 assert dropped > 0 and err < 1e-5, (dropped, err)
 
 # FEW TOKENS (decode): 4 do not split over data x expert, so expert shards get copies; value and grads exact
-from models.moe import Routing, dispatch_dropless
+from rl_jax.models.moe import Routing, dispatch_dropless
 x4, w4, ex4, probe4 = x[:4], w[:4], ex[:4], jax.random.normal(ks[0], (4, D))
 ep = lambda *a: jnp.sum(moe_ffn(a[0], w4, ex4, *a[1:], mesh=mesh, capacity_factor=None) * probe4)
 one = lambda *a: jnp.sum(dispatch_dropless(a[0], Routing(w4, ex4, None), *a[1:]) * probe4)
@@ -131,16 +132,19 @@ err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax
 print(f"FEW_TOKENS err={err:.2e}")
 assert err < 1e-5, err
 print(f"DONE {time.perf_counter() - t0:.1f}s")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def run8():
-  env = {**os.environ, "XLA_FLAGS": _FLAG, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
-  print(proc.stdout)                     # shown with pytest -s: errors, collectives seen, timings
+  env = {
+    **os.environ,
+    "XLA_FLAGS": _FLAG,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+  }
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  print(proc.stdout)  # shown with pytest -s: errors, collectives seen, timings
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   return proc.stdout
 

@@ -1,4 +1,5 @@
 """Parity with transformers' own DeepseekV3 / Qwen2 / Llama models, export round trips, FP8, errors."""
+
 import json
 import os
 import shutil
@@ -7,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models import safetensors_io as st
-from models.hf import CheckpointError, dequantize_fp8
-
+from rl_jax import models
+from rl_jax.models import safetensors_io as st
+from rl_jax.models.hf import CheckpointError, dequantize_fp8
 from tests import hf_models
 
 pytest.importorskip("transformers")
-IDS = np.random.RandomState(0).randint(0, 256, size=(2, 37))   # crosses several rope periods
+IDS = np.random.RandomState(0).randint(0, 256, size=(2, 37))  # crosses several rope periods
 
 
 @pytest.fixture(scope="module", params=["deepseek_v3", "qwen2", "llama"])
@@ -34,15 +34,17 @@ def test_logits_match_transformers(ref):
 
 def test_export_round_trip_reloads_in_transformers(ref, tmp_path):
   from transformers import AutoModelForCausalLM
+
   kind, hf_model, path = ref
   ours = models.load_hf(path, dtype=jnp.float32)
-  models.save_hf(ours, str(tmp_path / "export"), max_shard_bytes=100_000)   # forces a sharded index
+  models.save_hf(ours, str(tmp_path / "export"), max_shard_bytes=100_000)  # forces a sharded index
   assert os.path.exists(tmp_path / "export" / "model.safetensors.index.json")
   back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=hf_models._torch().float32)
   np.testing.assert_allclose(hf_models.logits(back, IDS), hf_models.logits(hf_model, IDS), atol=1e-5, rtol=0)
   again = models.load_hf(str(tmp_path / "export"), dtype=jnp.float32)
-  np.testing.assert_array_equal(np.asarray(again(jnp.asarray(IDS, jnp.int32))),
-                                np.asarray(ours(jnp.asarray(IDS, jnp.int32))))
+  np.testing.assert_array_equal(
+    np.asarray(again(jnp.asarray(IDS, jnp.int32))), np.asarray(ours(jnp.asarray(IDS, jnp.int32)))
+  )
 
 
 def test_mtp_layers_round_trip(tmp_path):
@@ -52,8 +54,15 @@ def test_mtp_layers_round_trip(tmp_path):
   models.save_hf(model, str(tmp_path / "mtp"))
   names = st.Checkpoint(str(tmp_path / "mtp")).keys()
   L = cfg.num_hidden_layers
-  for n in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
-            "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.7.down_proj.weight"):
+  for n in (
+    "eh_proj.weight",
+    "enorm.weight",
+    "hnorm.weight",
+    "shared_head.norm.weight",
+    "shared_head.head.weight",
+    "embed_tokens.weight",
+    "mlp.experts.7.down_proj.weight",
+  ):
     assert f"model.layers.{L}.{n}" in names
   back = models.load_hf(str(tmp_path / "mtp"), dtype=jnp.float32)
   ids = jnp.asarray(IDS[:, :16], jnp.int32)
@@ -72,15 +81,16 @@ def _reference_dequant(w, s, block):
 def _quantize(w, block):
   """The quantizing side: scale = amax / 448 per block (edge blocks padded)."""
   import ml_dtypes
+
   o, i = w.shape
   so, si = -(-o // block), -(-i // block)
   scale = np.zeros((so, si), np.float32)
   q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
   for a in range(so):
     for b in range(si):
-      blk = w[a * block:(a + 1) * block, b * block:(b + 1) * block]
+      blk = w[a * block : (a + 1) * block, b * block : (b + 1) * block]
       scale[a, b] = max(np.abs(blk).max(), 1e-12) / 448.0
-      q[a * block:(a + 1) * block, b * block:(b + 1) * block] = (blk / scale[a, b]).astype(ml_dtypes.float8_e4m3fn)
+      q[a * block : (a + 1) * block, b * block : (b + 1) * block] = (blk / scale[a, b]).astype(ml_dtypes.float8_e4m3fn)
   return q, scale
 
 
@@ -89,7 +99,7 @@ def test_fp8_block_dequantisation_matches_direct_reference():
   q, s = _quantize(w, 16)
   got = dequantize_fp8(q, s, (16, 16))
   np.testing.assert_array_equal(got, _reference_dequant(q, s, 16))
-  assert np.abs(got - w).max() < 0.07 * np.abs(w).max()      # e4m3 keeps ~3 significant bits
+  assert np.abs(got - w).max() < 0.07 * np.abs(w).max()  # e4m3 keeps ~3 significant bits
 
 
 def test_fp8_checkpoint_loads_dequantised(tmp_path):
@@ -110,14 +120,20 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
   out.mkdir()
   st.write(str(out / "model.safetensors"), tensors)
   cfg = json.load(open(kind_path / "config.json"))
-  cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                "weight_block_size": [16, 16]}
+  cfg["quantization_config"] = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [16, 16],
+  }
   json.dump(cfg, open(out / "config.json", "w"))
   model = models.load_hf(str(out), dtype=jnp.float32)
-  np.testing.assert_array_equal(np.asarray(model.layers[1].attn.kv_b[...]).reshape(16, -1).T,
-                                deq["model.layers.1.self_attn.kv_b_proj.weight"])
-  np.testing.assert_array_equal(np.asarray(model.layers[2].mlp.down[...][5]).T,
-                                deq["model.layers.2.mlp.experts.5.down_proj.weight"])
+  np.testing.assert_array_equal(
+    np.asarray(model.layers[1].attn.kv_b[...]).reshape(16, -1).T, deq["model.layers.1.self_attn.kv_b_proj.weight"]
+  )
+  np.testing.assert_array_equal(
+    np.asarray(model.layers[2].mlp.down[...][5]).T, deq["model.layers.2.mlp.experts.5.down_proj.weight"]
+  )
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """load_hf with a mesh: parameters land already sharded (each device reads only its slice) and the
 model computes the same logits as the single-device load."""
+
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ SCRIPT = textwrap.dedent("""
   import os, sys
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   import jax, jax.numpy as jnp, numpy as np
-  import models
+  from rl_jax import models
   from flax import nnx
-  from sharding import make_mesh
+  from rl_jax.sharding import make_mesh
   from tests import hf_models
   path = sys.argv[1]
   hf_models.deepseek_v3(path)
@@ -43,6 +44,7 @@ SCRIPT = textwrap.dedent("""
 def test_load_hf_onto_a_mesh(tmp_path):
   pytest.importorskip("transformers")
   env = {**os.environ, "PYTHONPATH": REPO}
-  r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "ds")], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(tmp_path / "ds")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+  )
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

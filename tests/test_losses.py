@@ -1,4 +1,5 @@
 """Losses against hand-computed examples and the published formulas."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +39,9 @@ def test_cross_entropy_matches_formula():
   mask = np.array([[1, 1, 0], [1, 0, 0]])
   p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   want = -(np.log(np.take_along_axis(p, targets[..., None], -1)[..., 0]) * mask).sum() / mask.sum()
-  np.testing.assert_allclose(float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))),
-                             want, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))), want, rtol=1e-5
+  )
 
 
 def test_balance_loss_formula():
@@ -55,16 +57,28 @@ def test_balance_loss_formula():
     want += (f * P).sum() / B
   got = losses.balance_loss(jnp.asarray(s), jnp.asarray(idx), jnp.asarray(mask))
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
-  assert abs(float(losses.balance_loss(jnp.full((1, 8, 4), 0.5), jnp.asarray(
-      np.stack([np.arange(8) % 4, (np.arange(8) + 1) % 4], -1)[None]), jnp.ones((1, 8)))) - 1.0) < 1e-6  # balanced = 1
+  assert (
+    abs(
+      float(
+        losses.balance_loss(
+          jnp.full((1, 8, 4), 0.5),
+          jnp.asarray(np.stack([np.arange(8) % 4, (np.arange(8) + 1) % 4], -1)[None]),
+          jnp.ones((1, 8)),
+        )
+      )
+      - 1.0
+    )
+    < 1e-6
+  )  # balanced = 1
 
 
 def test_bias_update_moves_load_toward_balance():
   """A skewed toy batch: routing through the biased scores gets more balanced as the bias updates."""
-  from models.moe import route
+  from rl_jax.models.moe import route
+
   rs = np.random.RandomState(3)
   E, T = 8, 512
-  logits = jnp.asarray(rs.normal(size=(T, E)) + np.linspace(2, -2, E)[None], jnp.float32)   # skewed to expert 0
+  logits = jnp.asarray(rs.normal(size=(T, E)) + np.linspace(2, -2, E)[None], jnp.float32)  # skewed to expert 0
   bias = jnp.zeros(E)
   imbalance = []
   for _ in range(300):
@@ -74,15 +88,16 @@ def test_bias_update_moves_load_toward_balance():
     bias = losses.bias_update(bias, load, 0.01)
   assert imbalance[0] > 2.5
   assert imbalance[-1] < 1.3
-  assert float(bias[0]) < 0 < float(bias[-1])   # overloaded expert pushed down, starved one pulled up
+  assert float(bias[0]) < 0 < float(bias[-1])  # overloaded expert pushed down, starved one pulled up
 
 
 def test_remat_gives_the_same_gradients():
   """train.remat trades memory for compute: gradients must not change."""
   from flax import nnx
 
-  import models
-  from models.config import preset
+  from rl_jax import models
+  from rl_jax.models.config import preset
+
   model = models.build(preset("tiny-moe", vocab_size=64), seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 12)), jnp.int32)

@@ -1,4 +1,5 @@
 """Model invariants: absorbed == naive MLA, causality, routing vs its formula, dispatch, presets, configs."""
+
 import itertools
 
 import jax
@@ -6,14 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.config import ModelConfig, RopeConfig, from_dict, preset
-from models.moe import dispatch_buckets, dispatch_capacity, dispatch_dropless, dispatch_gather, route
+from rl_jax import models
+from rl_jax.models.config import ModelConfig, RopeConfig, from_dict, preset
+from rl_jax.models.moe import dispatch_buckets, dispatch_capacity, dispatch_dropless, dispatch_gather, route
 
-TINY_DS = preset("tiny-moe", vocab_size=256, rope=RopeConfig(
-    type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0, interleave=True))
-TINY_LLAMA = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+TINY_DS = preset(
+  "tiny-moe",
+  vocab_size=256,
+  rope=RopeConfig(
+    type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0, interleave=True
+  ),
+)
+TINY_LLAMA = ModelConfig(
+  arch="llama",
+  vocab_size=256,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+)
 
 
 def _ids(B=2, T=24, seed=0):
@@ -33,7 +46,7 @@ def test_absorbed_mla_equals_naive():
   cache, steps = out.cache, [np.asarray(out.logits_BTV)]
   for t in range(10, 24):
     pos = jnp.full((2, 1), t, jnp.int32)
-    o = model.forward(ids[:, t:t + 1], positions_BT=pos, cache=cache)
+    o = model.forward(ids[:, t : t + 1], positions_BT=pos, cache=cache)
     cache = o.cache
     steps.append(np.asarray(o.logits_BTV))
   np.testing.assert_allclose(np.concatenate(steps, axis=1), naive, atol=1e-5, rtol=0)
@@ -49,8 +62,8 @@ def test_causality(cfg):
   for t in (0, 7, 18):
     changed = ids.at[0, t + 1].set((ids[0, t + 1] + 17) % 256)
     out = np.asarray(model(changed))
-    np.testing.assert_array_equal(out[0, :t + 1], base[0, :t + 1])
-    assert np.abs(out[0, t + 1:] - base[0, t + 1:]).max() > 0
+    np.testing.assert_array_equal(out[0, : t + 1], base[0, : t + 1])
+    assert np.abs(out[0, t + 1 :] - base[0, t + 1 :]).max() > 0
 
 
 def test_segments_keep_packed_documents_apart():
@@ -71,11 +84,11 @@ def _route_reference(logits, bias, k, n_group, topk_group, scaling):
   per = E // n_group
   for t in range(T):
     sc = s[t] + bias
-    gs = [np.sort(sc[g * per:(g + 1) * per])[-2:].sum() for g in range(n_group)]
+    gs = [np.sort(sc[g * per : (g + 1) * per])[-2:].sum() for g in range(n_group)]
     keep = np.argsort(gs)[::-1][:topk_group]
     masked = np.full(E, -np.inf)
     for g in keep:
-      masked[g * per:(g + 1) * per] = sc[g * per:(g + 1) * per]
+      masked[g * per : (g + 1) * per] = sc[g * per : (g + 1) * per]
     idx = np.argsort(masked)[::-1][:k]
     w = s[t, idx] / s[t, idx].sum()
     w_out[t], i_out[t] = w * scaling, idx
@@ -86,8 +99,9 @@ def test_routing_matches_formula():
   rs = np.random.RandomState(0)
   logits = rs.normal(size=(64, 16)).astype(np.float32)
   bias = rs.uniform(-0.5, 0.5, 16)
-  r = route(jnp.asarray(logits), jnp.asarray(bias, jnp.float32), k=3, n_group=4, topk_group=2,
-            norm_topk_prob=True, scaling=2.5)
+  r = route(
+    jnp.asarray(logits), jnp.asarray(bias, jnp.float32), k=3, n_group=4, topk_group=2, norm_topk_prob=True, scaling=2.5
+  )
   w_ref, i_ref = _route_reference(logits, bias, 3, 4, 2, 2.5)
   got_i, got_w = np.asarray(r.experts_TK), np.asarray(r.weights_TK)
   order = np.argsort(got_i, 1)
@@ -95,8 +109,14 @@ def test_routing_matches_formula():
   np.testing.assert_array_equal(np.take_along_axis(got_i, order, 1), np.take_along_axis(i_ref, ref_order, 1))
   np.testing.assert_allclose(np.take_along_axis(got_w, order, 1), np.take_along_axis(w_ref, ref_order, 1), rtol=1e-5)
   # the bias steers selection only: chosen weights come from the unbiased scores
-  assert not np.allclose(got_w, np.asarray(route(jnp.asarray(logits), jnp.zeros(16), k=3, n_group=4, topk_group=2,
-                                                      norm_topk_prob=True, scaling=2.5).weights_TK))
+  assert not np.allclose(
+    got_w,
+    np.asarray(
+      route(
+        jnp.asarray(logits), jnp.zeros(16), k=3, n_group=4, topk_group=2, norm_topk_prob=True, scaling=2.5
+      ).weights_TK
+    ),
+  )
   # group limit: every token's experts fall in at most topk_group groups
   assert max(len(set(row // 4)) for row in got_i) <= 2
 
@@ -120,15 +140,25 @@ def test_dispatchers_equal_a_per_token_loop():
   x = rs.normal(size=(T, D)).astype(np.float32)
   g, u = rs.normal(size=(2, E, D, I)).astype(np.float32)
   d = rs.normal(size=(E, I, D)).astype(np.float32)
-  r = route(jnp.asarray(rs.normal(size=(T, E)), jnp.float32), jnp.zeros(E), k=K, n_group=1, topk_group=1,
-            norm_topk_prob=True, scaling=1.0)
+  r = route(
+    jnp.asarray(rs.normal(size=(T, E)), jnp.float32),
+    jnp.zeros(E),
+    k=K,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    scaling=1.0,
+  )
   want = _expert_loop(x, r, g, u, d)
   np.testing.assert_allclose(np.asarray(dispatch_dropless(x, r, g, u, d)), want, atol=1e-4)
   np.testing.assert_allclose(np.asarray(dispatch_gather(x, r, g, u, d)), want, atol=1e-4)
   np.testing.assert_allclose(np.asarray(jax.jit(dispatch_buckets)(x, r, g, u, d)), want, atol=1e-4)
   skewed = r._replace(experts_TK=jnp.asarray(np.stack([np.zeros(T, int), 1 + np.arange(T) % 7], 1), jnp.int32))
-  np.testing.assert_allclose(np.asarray(dispatch_buckets(x, skewed, g, u, d)),     # expert 0 takes all T
-                             _expert_loop(x, skewed, g, u, d), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(dispatch_buckets(x, skewed, g, u, d)),  # expert 0 takes all T
+    _expert_loop(x, skewed, g, u, d),
+    atol=1e-4,
+  )
   np.testing.assert_allclose(np.asarray(dispatch_capacity(x, r, g, u, d, capacity_factor=E / 2)), want, atol=1e-4)
   # with a small capacity, overflow assignments are dropped (contribute zero), in token order
   C = int(np.ceil(0.5 * T * K / E))
@@ -157,11 +187,13 @@ def test_671b_preset_eval_shape_counts():
   """jax.eval_shape of the full DeepSeek-V3 preset: published 671B total (main model) and ~37B active."""
   cfg = preset("deepseek-v3-671b")
   abstract = models.abstract(cfg)
-  leaves = jax.tree.leaves(jax.tree.map(lambda v: v, __import__("flax").nnx.state(abstract, __import__("flax").nnx.Param)))
-  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)   # nothing allocated
+  leaves = jax.tree.leaves(
+    jax.tree.map(lambda v: v, __import__("flax").nnx.state(abstract, __import__("flax").nnx.Param))
+  )
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
   n = sum(int(np.prod(x.shape)) for x in leaves)
   counts = cfg.param_counts()
-  assert n == counts["total"] + counts["mtp"]        # analytic count equals the real shapes
+  assert n == counts["total"] + counts["mtp"]  # analytic count equals the real shapes
   assert abs(counts["total"] / 671e9 - 1) < 0.01
   # "37B activated" (paper): we count 37.55B incl. embedding + head; the paper rounds down.
   assert abs(counts["active"] / 37e9 - 1) < 0.02
@@ -171,6 +203,7 @@ def test_671b_preset_eval_shape_counts():
 @pytest.mark.parametrize("name,total", [("qwen2.5-1.5b", 1.54e9), ("qwen2.5-7b", 7.62e9), ("llama3.1-8b", 8.03e9)])
 def test_dense_presets_eval_shape(name, total):
   from flax import nnx
+
   cfg = preset(name)
   leaves = jax.tree.leaves(nnx.state(models.abstract(cfg), nnx.Param))
   n = sum(int(np.prod(x.shape)) for x in leaves)
@@ -189,15 +222,34 @@ def test_config_errors_are_one_line_and_named():
 
 
 def test_from_hf_reads_legacy_rope_scaling():
-  legacy = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=16, q_lora_rank=None,
-                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope_theta=10000.0,
-                max_position_embeddings=163840,
-                rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+  legacy = dict(
+    model_type="deepseek_v3",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    rope_theta=10000.0,
+    max_position_embeddings=163840,
+    rope_scaling={
+      "type": "yarn",
+      "factor": 40,
+      "original_max_position_embeddings": 4096,
+      "beta_fast": 32,
+      "beta_slow": 1,
+      "mscale": 1.0,
+      "mscale_all_dim": 1.0,
+    },
+  )
   cfg = ModelConfig.from_hf(legacy)
   assert cfg.rope.type == "yarn" and cfg.rope.factor == 40 and cfg.rope.interleave and cfg.q_lora_rank is None
   new = ModelConfig.from_hf(cfg.to_hf())
   assert new == cfg
-  from models.rope import softmax_scale
-  assert abs(softmax_scale(preset("deepseek-v3-671b")) - 0.1352338) < 1e-6   # 192^-0.5 * (0.1 ln 40 + 1)^2
+  from rl_jax.models.rope import softmax_scale
+
+  assert abs(softmax_scale(preset("deepseek-v3-671b")) - 0.1352338) < 1e-6  # 192^-0.5 * (0.1 ln 40 + 1)^2

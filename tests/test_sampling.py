@@ -1,5 +1,6 @@
 """Sampler: cache-decode greedy == full recomputation, log-probs == teacher forcing, sampling distributions,
 EOS handling, row independence, sample grouping and MoE routing replay."""
+
 import functools
 
 import jax
@@ -8,23 +9,46 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import models
-from models import ModelConfig, RopeConfig
-from rl_jax import sampling
+from rl_jax import models, sampling
+from rl_jax.models import ModelConfig, RopeConfig
 from rl_jax.sampling import generate, sample_logits
 
 MLA_CFG = ModelConfig(
-    arch="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-    num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
-    n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16,
-    qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-    rope=RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0,
-                    interleave=True))
-GQA_CFG = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+  arch="deepseek_v3",
+  vocab_size=256,
+  hidden_size=64,
+  intermediate_size=128,
+  moe_intermediate_size=32,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  n_shared_experts=1,
+  n_routed_experts=8,
+  num_experts_per_tok=2,
+  n_group=2,
+  topk_group=1,
+  first_k_dense_replace=1,
+  routed_scaling_factor=2.5,
+  q_lora_rank=32,
+  kv_lora_rank=16,
+  qk_rope_head_dim=8,
+  qk_nope_head_dim=16,
+  v_head_dim=16,
+  rope=RopeConfig(
+    type="yarn", factor=4.0, original_max_position_embeddings=128, mscale=1.0, mscale_all_dim=1.0, interleave=True
+  ),
+)
+GQA_CFG = ModelConfig(
+  arch="llama",
+  vocab_size=256,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+)
 CFGS = {"mla_moe": MLA_CFG, "gqa": GQA_CFG}
 PROMPTS = [[5, 17, 33], [200, 3, 9, 41, 77, 12, 150], [99, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
-REF_LEN, REF_ROWS = 32, 32   # reference forwards pad to this shape (one compile per model)
+REF_LEN, REF_ROWS = 32, 32  # reference forwards pad to this shape (one compile per model)
 
 
 @functools.cache
@@ -32,7 +56,7 @@ def _model_and_states(name):
   """One model per config (so compiled samplers and references are shared: they key on the graphdef)
   and two parameter sets: random init, and embed/lm_head x20 so greedy argmaxes are far from ties."""
   model = models.build(CFGS[name], seed=1)
-  copy = lambda: jax.tree.map(lambda x: x, nnx.state(model))   # new Variables: unaffected by later edits
+  copy = lambda: jax.tree.map(lambda x: x, nnx.state(model))  # new Variables: unaffected by later edits
   flat_state = copy()
   model.embed[...] = model.embed[...] * 20.0
   model.lm_head[...] = model.lm_head[...] * 20.0
@@ -65,14 +89,14 @@ def ref_forward(model, seqs):
   tokens = np.zeros((REF_ROWS, REF_LEN), np.int32)
   for i, s in enumerate(seqs):
     assert len(s) <= REF_LEN
-    tokens[i, :len(s)] = s
+    tokens[i, : len(s)] = s
   graphdef, state = nnx.split(model)
   lp, ex = _ref_forward(graphdef, state, jnp.asarray(tokens))
-  return np.asarray(lp[:len(seqs)]), (None if ex is None else np.asarray(ex[:len(seqs)]))
+  return np.asarray(lp[: len(seqs)]), (None if ex is None else np.asarray(ex[: len(seqs)]))
 
 
 def completions(res, i):
-  return [int(t) for t in res.tokens[i, :res.lengths[i]]]
+  return [int(t) for t in res.tokens[i, : res.lengths[i]]]
 
 
 # ------------------------------------------------------------------ 1. greedy == recomputation
@@ -89,7 +113,7 @@ def test_greedy_matches_full_recomputation(name):
   np.testing.assert_array_equal(res.tokens, want)
   margins = [np.diff(np.sort(lp[r, len(s) - 1])[-2:])[0] for r, s in enumerate(prefixes)]
   assert min(margins) > 1e-3, "near-tie in the reference: the comparison would be meaningless"
-  assert len({tuple(r) for r in res.tokens}) == 3          # the rows really differ
+  assert len({tuple(r) for r in res.tokens}) == 3  # the rows really differ
 
 
 # ------------------------------------------------------------------ 2. log-probs == teacher forcing
@@ -107,7 +131,7 @@ def test_logprobs_match_teacher_forcing(name, settings):
   assert res.logprobs.dtype == np.float32
   # Near-flat model: these really are samples (not one greedy path) with probabilities well below 1.
   assert res.logprobs.max() < -1.0
-  if "top_k" in settings:   # every drawn token is among the model's top_k at its position
+  if "top_k" in settings:  # every drawn token is among the model's top_k at its position
     for i, p in enumerate(PROMPTS):
       for j in range(res.lengths[i]):
         row = lp[i, len(p) - 1 + j]
@@ -131,14 +155,18 @@ def target_distribution(logits, temperature, top_k, top_p):
   return p
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (1.0, 0, 0.8), (1.5, 4, 0.75)])
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (1.0, 0, 0.8), (1.5, 4, 0.75)]
+)
 def test_sample_logits_distribution(temperature, top_k, top_p):
   logits = np.array([1.2, 2.0, -0.5, 0.7, 0.0, 1.6], np.float32)
   n = 20000
   keys = jax.random.split(jax.random.key(7), n)
-  draws = np.asarray(jax.jit(sample_logits, static_argnums=(2, 3, 4))(
-      jnp.broadcast_to(jnp.asarray(logits), (n, 6)), keys, temperature, top_k, top_p))
+  draws = np.asarray(
+    jax.jit(sample_logits, static_argnums=(2, 3, 4))(
+      jnp.broadcast_to(jnp.asarray(logits), (n, 6)), keys, temperature, top_k, top_p
+    )
+  )
   freq = np.bincount(draws, minlength=6) / n
   want = target_distribution(logits, temperature, top_k, top_p)
   # Binomial standard error of each frequency; 5 sigma (+1e-3 floor) keeps false alarms ~1e-6 per class.
@@ -146,16 +174,20 @@ def test_sample_logits_distribution(temperature, top_k, top_p):
   assert np.all(np.abs(freq - want) <= tol), (freq, want, tol)
   excluded = want == 0
   assert np.all(freq[excluded] == 0)
-  assert excluded.sum() == {(1.0, 0, 1.0): 0, (0.5, 0, 1.0): 0, (2.0, 3, 1.0): 3, (1.0, 0, 0.8): 3,
-                            (1.5, 4, 0.75): 3}[(temperature, top_k, top_p)]   # the cases really cut
+  assert (
+    excluded.sum()
+    == {(1.0, 0, 1.0): 0, (0.5, 0, 1.0): 0, (2.0, 3, 1.0): 3, (1.0, 0, 0.8): 3, (1.5, 4, 0.75): 3}[
+      (temperature, top_k, top_p)
+    ]
+  )  # the cases really cut
 
 
 def test_sample_logits_greedy():
   logits = jnp.array([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]])
   keys = jax.random.split(jax.random.key(0), 2)
   np.testing.assert_array_equal(sample_logits(logits, keys, 0.0, 0, 1.0), [1, 0])
-  np.testing.assert_array_equal(sample_logits(logits, keys, 1.0, 1, 1.0), [1, 0])      # top-1 == argmax
-  np.testing.assert_array_equal(sample_logits(logits, keys, 1.0, 0, 1e-6), [1, 0])     # tiny nucleus
+  np.testing.assert_array_equal(sample_logits(logits, keys, 1.0, 1, 1.0), [1, 0])  # top-1 == argmax
+  np.testing.assert_array_equal(sample_logits(logits, keys, 1.0, 0, 1e-6), [1, 0])  # tiny nucleus
 
 
 # ------------------------------------------------------------------ 4. EOS
@@ -163,7 +195,7 @@ def test_eos_stops_and_pads():
   model, T = sharp("mla_moe"), 10
   free = generate(model, PROMPTS, max_new_tokens=T, temperature=0.0)
   row0 = list(free.tokens[0])
-  j = next(j for j in range(2, T) if row0[j] not in row0[:j])   # a token row 0 first emits at step j >= 2
+  j = next(j for j in range(2, T) if row0[j] not in row0[:j])  # a token row 0 first emits at step j >= 2
   eos = row0[j]
   res = generate(model, PROMPTS, max_new_tokens=T, temperature=0.0, eos_id=eos)
   for i in range(3):
@@ -182,24 +214,24 @@ def test_rows_independent_and_buckets_reused():
   model = sharp("gqa")
   a, b, c = PROMPTS
   alone = generate(model, [a], max_new_tokens=9, temperature=0.0)
-  batch = generate(model, [b, a, c], max_new_tokens=9, temperature=0.0)   # other prompt and batch buckets
+  batch = generate(model, [b, a, c], max_new_tokens=9, temperature=0.0)  # other prompt and batch buckets
   np.testing.assert_array_equal(alone.tokens[0], batch.tokens[1])
   np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[1], atol=1e-5)
 
   model = flat("gqa")
   small = generate(model, [a, b], max_new_tokens=9, seed=11)
-  big = generate(model, [a, b, c] + [[7] * 20] * 7, max_new_tokens=9, seed=11)   # 10 rows, longer prompts
+  big = generate(model, [a, b, c] + [[7] * 20] * 7, max_new_tokens=9, seed=11)  # 10 rows, longer prompts
   np.testing.assert_array_equal(small.tokens, big.tokens[:2])
   np.testing.assert_allclose(small.logprobs, big.logprobs[:2], atol=1e-5)
   other = generate(model, [a, b], max_new_tokens=9, seed=12)
-  assert not np.array_equal(small.tokens, other.tokens)                  # the seed matters
+  assert not np.array_equal(small.tokens, other.tokens)  # the seed matters
 
   # Same buckets (batch 2 / 8, prompt <= 8, budget <= 16): the compiled sampler is reused, not retraced.
   n_fns = len(sampling._COMPILED)
   generate(model, [[1, 2], [3, 4, 5, 6, 7, 8]], max_new_tokens=13, seed=11)
   generate(model, [[9]] * 5, max_new_tokens=10, seed=11)
   generate(model, [[9]] * 7, max_new_tokens=10, seed=11)
-  assert len(sampling._COMPILED) == n_fns + 1                          # the 5- and 7-row calls share batch 8
+  assert len(sampling._COMPILED) == n_fns + 1  # the 5- and 7-row calls share batch 8
   graphdef = nnx.graphdef(model)
   assert sampling.compiled(graphdef, 8, 8, 16, 1.0, 0, 1.0)._cache_size() == 1
 
@@ -207,7 +239,7 @@ def test_rows_independent_and_buckets_reused():
 # ------------------------------------------------------------------ 6. groups and routing replay
 def test_groups_and_expert_replay():
   model, G, T = flat("mla_moe"), 3, 12
-  prompts = PROMPTS[1:]                 # same buckets as test_logprobs_match_teacher_forcing: no recompile
+  prompts = PROMPTS[1:]  # same buckets as test_logprobs_match_teacher_forcing: no recompile
   res = generate(model, prompts, max_new_tokens=T, num_samples=G, seed=5)
   N = len(prompts) * G
   assert res.tokens.shape == (N, T) and res.lengths.shape == (N,)
@@ -217,15 +249,14 @@ def test_groups_and_expert_replay():
   flat_res = generate(model, [p for p in prompts for _ in range(G)], max_new_tokens=T, seed=5)
   np.testing.assert_array_equal(res.tokens, flat_res.tokens)
   for p in range(len(prompts)):
-    assert len({tuple(r) for r in res.tokens[p * G:(p + 1) * G]}) == G
+    assert len({tuple(r) for r in res.tokens[p * G : (p + 1) * G]}) == G
   # Replay: the experts recorded for each generated (and prompt) token are those a training forward picks.
   seqs = [prompts[i // G] + completions(res, i) for i in range(N)]
   lp, ex = ref_forward(model, seqs)
   for i in range(N):
     P, n = len(prompts[i // G]), res.lengths[i]
-    np.testing.assert_array_equal(res.experts[i, :n], ex[i, P:P + n])
+    np.testing.assert_array_equal(res.experts[i, :n], ex[i, P : P + n])
     np.testing.assert_array_equal(res.prompt_experts[i, :P], ex[i, :P])
-    np.testing.assert_allclose(res.logprobs[i, :n], lp[i, np.arange(P - 1, P - 1 + n), res.tokens[i, :n]],
-                               atol=1e-4)
-  assert len(np.unique(res.experts)) > 4                    # routing is not degenerate
+    np.testing.assert_allclose(res.logprobs[i, :n], lp[i, np.arange(P - 1, P - 1 + n), res.tokens[i, :n]], atol=1e-4)
+  assert len(np.unique(res.experts)) > 4  # routing is not degenerate
   assert generate(flat("gqa"), prompts, max_new_tokens=T).experts is None

@@ -1,5 +1,6 @@
 """Sampler on 8 simulated CPU devices: a model born sharded on a (data=2, fsdp=2, tensor=2) mesh and sampled
 under `jax.set_mesh` gives the single-device tokens, with the batch, loop state and cache split batch-wise."""
+
 import os
 import subprocess
 import sys
@@ -7,13 +8,13 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs in a fresh process: the device-count flag only holds if it is set before jax is imported.
-SCRIPT = r'''
+SCRIPT = r"""
 import re
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-import sharding
-from models import Transformer, build
+from rl_jax import sharding
+from rl_jax.models import Transformer, build
 from rl_jax import sampling
 from tests.test_sampling import GQA_CFG, MLA_CFG
 
@@ -63,13 +64,16 @@ for name, cfg in (("mla_moe", MLA_CFG), ("gqa", GQA_CFG)):
     np.testing.assert_array_equal(got.prompt_experts, want.prompt_experts)
   assert len({tuple(r) for r in got.tokens}) == 3
   print(name, "sharded == single device")
-'''
+"""
 
 
 def test_sharded_generate_matches_single_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+  }
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert proc.stdout.count("sharded == single device") == 2, proc.stdout

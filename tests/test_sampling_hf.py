@@ -1,12 +1,12 @@
 """Greedy sampling parity with transformers' own `generate`: the same weights (tiny random DeepSeek-V3 with
 YaRN and a nonzero router bias; Qwen2 with GQA and q/k/v bias) continue each prompt token for token."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from rl_jax import models
 from rl_jax.sampling import generate
-
 from tests import hf_models
 
 pytest.importorskip("transformers")
@@ -40,13 +40,14 @@ def test_greedy_matches_transformers_generate(kind, tmp_path):
   for i, p in enumerate(PROMPTS):
     # One prompt per call, unpadded: no HF padding semantics involved.
     with torch.no_grad():
-      out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                        do_sample=False, max_new_tokens=N)
-    want = out[0, len(p):].tolist()
+      out = hf.generate(
+        torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False, max_new_tokens=N
+      )
+    want = out[0, len(p) :].tolist()
     assert len(want) == N
     assert res.tokens[i].tolist() == want, (i, res.tokens[i].tolist(), want)
     # The comparison means something: HF's own top-2 margin at every generated position is not a near-tie.
-    logits = hf_models.logits(hf, np.array([p + want]))[0, len(p) - 1:-1]
+    logits = hf_models.logits(hf, np.array([p + want]))[0, len(p) - 1 : -1]
     top2 = np.sort(logits, axis=-1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() > 1e-3, (i, (top2[:, 1] - top2[:, 0]).min())
     # And ours scores the chosen tokens as HF does.

@@ -1,8 +1,9 @@
 """sharding/: mesh shapes, the rules table, and a tiny DeepSeek-V3 born sharded on 8 fake CPU devices."""
+
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):   # effective only if jax is not imported yet: see the subprocess
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # effective only if jax is not imported yet: see the subprocess
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
 import subprocess
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
-import sharding
-from sharding import AXES, constrain, logical_to_spec, make_mesh, mesh_shape, param_shardings
+from rl_jax import sharding
+from rl_jax.sharding import AXES, constrain, logical_to_spec, make_mesh, mesh_shape, param_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +50,7 @@ def test_make_mesh_on_available_devices():
 
   class Cfg:
     data, fsdp, expert, tensor = 1, 1, -1, 1
+
   assert dict(sharding.mesh_from_config(Cfg()).shape)["expert"] == n
 
 
@@ -60,22 +63,23 @@ def test_maybe_initialize_distributed(monkeypatch):
 
   class Cfg:
     distributed, coordinator_address, num_processes, process_id = None, None, None, None
-  assert sharding.maybe_initialize_distributed(Cfg()) is False and calls == []     # single host
+
+  assert sharding.maybe_initialize_distributed(Cfg()) is False and calls == []  # single host
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0")
-  assert sharding.maybe_initialize_distributed(Cfg()) is False and calls == []     # one-host TPU VM
+  assert sharding.maybe_initialize_distributed(Cfg()) is False and calls == []  # one-host TPU VM
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host0,host1")
-  assert sharding.maybe_initialize_distributed(Cfg()) is True and calls == [{}]    # multi-host: autodetect
+  assert sharding.maybe_initialize_distributed(Cfg()) is True and calls == [{}]  # multi-host: autodetect
   Cfg.distributed = False
   assert sharding.maybe_initialize_distributed(Cfg()) is False and calls == [{}]
   Cfg.distributed, Cfg.coordinator_address, Cfg.num_processes, Cfg.process_id = None, "h:1234", 2, 1
   assert sharding.maybe_initialize_distributed(Cfg()) is True
   assert calls[-1] == {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}
   monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
-  assert sharding.maybe_initialize_distributed(Cfg()) is True and len(calls) == 2   # idempotent
+  assert sharding.maybe_initialize_distributed(Cfg()) is True and len(calls) == 2  # idempotent
 
 
 # RULES
-MESH_DFT = AbstractMesh((2, 2, 1, 2), AXES)     # data=2, fsdp=2, expert=1, tensor=2
+MESH_DFT = AbstractMesh((2, 2, 1, 2), AXES)  # data=2, fsdp=2, expert=1, tensor=2
 
 
 def test_logical_to_spec_rules():
@@ -115,7 +119,8 @@ def test_param_shardings_reads_axes_metadata():
   class M(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.zeros((4, 6)), axes=("embed", "mlp"))
-      self.b = nnx.Param(jnp.zeros((6,)))                     # no axes: replicated
+      self.b = nnx.Param(jnp.zeros((6,)))  # no axes: replicated
+
   mesh = make_mesh()
   shardings = param_shardings(nnx.state(nnx.eval_shape(M)), mesh)
   assert shardings["b"].spec == P() and shardings["w"].mesh is mesh
@@ -125,6 +130,7 @@ def test_param_shardings_reads_axes_metadata():
   class Bad(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.zeros((4, 6)), axes=("embed",))
+
   with pytest.raises(ValueError, match=r"\['w'\].*do not match shape \(4, 6\)"):
     param_shardings(nnx.state(nnx.eval_shape(Bad)), mesh)
 
@@ -136,12 +142,12 @@ def test_constrain_is_noop_without_mesh():
 
 
 # 8 DEVICES: run in a fresh process so the device-count flag holds whatever imported jax first.
-SCRIPT = r'''
+SCRIPT = r"""
 import os, jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from models import ModelConfig, RopeConfig, Transformer, build
-from sharding import constrain, create_sharded, make_mesh, shard_state
+from rl_jax.models import ModelConfig, RopeConfig, Transformer, build
+from rl_jax.sharding import constrain, create_sharded, make_mesh, shard_state
 
 assert jax.device_count() == 8, jax.devices()
 cfg = ModelConfig(arch="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128,
@@ -183,13 +189,16 @@ for sizes, gate_spec, gate_shard in [(dict(data=2, fsdp=2, tensor=2), P(None, "f
   batch_axes = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1)
   assert act.sharding.is_equivalent_to(NamedSharding(mesh, P(batch_axes)), 3), act.sharding
   print(sizes, "max |logits - single device| =", err)
-'''
+"""
 
 
 def test_tiny_deepseek_v3_born_sharded_on_8_devices():
-  env = {**os.environ, "XLA_FLAGS": _FLAG, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": _FLAG,
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+  }
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert proc.stdout.count("max |logits - single device|") == 2, proc.stdout

@@ -3,6 +3,7 @@
 The runs happen once, through the CLI, in a child process (tests/_train_worker.py: one device, fast CPU
 compiles); the tests below check what they left on disk and reported.
 """
+
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 
 from tests._subproc import run_python
 
-N, L = 15, 32   # as in tests/_train_worker.py
+N, L = 15, 32  # as in tests/_train_worker.py
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,17 @@ def _error_lines(r):
 def _leaves(model):
   import jax
   from flax import nnx
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
-      nnx.state(model).to_pure_dict())}
+
+  return {
+    jax.tree_util.keystr(p): np.asarray(v)
+    for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model).to_pure_dict())
+  }
 
 
 # STOP AND RESUME
 def test_resume_equals_uninterrupted(runs):
   from rl_jax import checkpoint
+
   out, res = runs
   for name in ("run_a1", "run_a2", "run_b"):
     _ok(res, name)
@@ -57,7 +62,10 @@ def test_resume_equals_uninterrupted(runs):
   assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 2 * N + 1))
   for key in ("loss", "ce", "mtp", "balance", "grad_norm", "param_norm", "load_imbalance", "lr"):
     assert [m[key] for m in a] == [m[key] for m in b], key
-  pa, pb = _leaves(checkpoint.load_model(f"{out}/A/checkpoints")), _leaves(checkpoint.load_model(f"{out}/B/checkpoints"))
+  pa, pb = (
+    _leaves(checkpoint.load_model(f"{out}/A/checkpoints")),
+    _leaves(checkpoint.load_model(f"{out}/B/checkpoints")),
+  )
   assert pa.keys() == pb.keys() and len(pa) > 20
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
@@ -68,8 +76,9 @@ def test_checkpoint_holds_data_state_and_router_bias(runs):
   import jax
   from flax import nnx
 
-  from models.layers import RouterBias
   from rl_jax import checkpoint, data
+  from rl_jax.models.layers import RouterBias
+
   out, res = runs
   _ok(res, "run_a1")
   # The data-iterator state saved with step k is a fresh iterator's after k batches (what resume restores).
@@ -82,7 +91,7 @@ def test_checkpoint_holds_data_state_and_router_bias(runs):
       with open(f"{out}/A/data_state/step_{k}_proc_0.json") as f:
         assert json.load(f) == it.get_state(), k
   # The router bias is saved and trained (aux-loss-free balancing moved it off zero): main MoE layer + MTP.
-  for step in (2 * N - 5, 2 * N):          # written while training, and at the end (keep=2)
+  for step in (2 * N - 5, 2 * N):  # written while training, and at the end (keep=2)
     model = checkpoint.load_model(f"{out}/A/checkpoints", step=step)
     bias = [np.asarray(b) for b in jax.tree.leaves(nnx.state(model, RouterBias).to_pure_dict())]
     assert len(bias) == 2, bias
@@ -109,15 +118,19 @@ def test_unknown_config_key_is_one_line(runs):
 
 def test_nan_loss_stops_and_keeps_checkpoints(runs):
   from rl_jax import checkpoint
+
   out, res = runs
   r = res["nan_loss"]
   lines = _error_lines(r)
   assert len(lines) == 1 and "Traceback" not in r["err"], r["err"]
-  assert re.fullmatch(rf"error: (loss|grad_norm|param_norm) is (nan|inf|-inf) at step {N + 1}; stopped "
-                      rf"\(newest checkpoint: step {N}; lower optimizer.lr\?\)", lines[0]), lines[0]
-  assert r["intact"]   # no byte of the earlier checkpoints changed, none was added
+  assert re.fullmatch(
+    rf"error: (loss|grad_norm|param_norm) is (nan|inf|-inf) at step {N + 1}; stopped "
+    rf"\(newest checkpoint: step {N}; lower optimizer.lr\?\)",
+    lines[0],
+  ), lines[0]
+  assert r["intact"]  # no byte of the earlier checkpoints changed, none was added
   assert sorted(os.listdir(f"{out}/A_nan/checkpoints")) == ["10", "15", "model_config.json", "tokenizer"]
-  assert not any(m["step"] > N for m in _metrics(f"{out}/A_nan"))     # the diverged step is not logged
+  assert not any(m["step"] > N for m in _metrics(f"{out}/A_nan"))  # the diverged step is not logged
   params = _leaves(checkpoint.load_model(f"{out}/A_nan/checkpoints"))
   assert all(np.all(np.isfinite(v)) for v in params.values())
 
@@ -134,13 +147,16 @@ def test_corrupt_checkpoint_names_its_directory(runs):
 def test_init_from_another_architecture_is_one_line(runs):
   out, res = runs
   r = res["init_mismatch"]
-  assert _error_lines(r) == [f"error: --init {out}/B/checkpoints: its parameters do not match the run's model "
-                             "(different architecture; only rope / max_position_embeddings / dtypes may differ)"], r["err"]
+  assert _error_lines(r) == [
+    f"error: --init {out}/B/checkpoints: its parameters do not match the run's model "
+    "(different architecture; only rope / max_position_embeddings / dtypes may differ)"
+  ], r["err"]
 
 
 # CONTEXT EXTENSION
 def test_yarn_extension_lowers_long_context_loss(runs):
   from rl_jax import checkpoint
+
   out, res = runs
   _ok(res, "extend")
   ev = _ok(res, "long_context_eval")

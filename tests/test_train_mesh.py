@@ -1,5 +1,6 @@
 """The train step on 8 fake CPU devices: (data, fsdp, tensor) and (data, expert) meshes train like one device,
 and a checkpoint saved from the 8-device state restores onto one device."""
+
 from tests._subproc import run_python
 
 SCRIPT = r'''
@@ -9,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rl_jax import checkpoint as ckpt
 from rl_jax.config import load_run_config, model_config
 from rl_jax.train import loop, state as S, step as ST
-from sharding import make_mesh
+from rl_jax.sharding import make_mesh
 
 assert jax.device_count() == 8, jax.devices()
 # Dropless MoE: with a capacity factor, what overflows depends on the mesh (sharding/expert_parallel.py).

@@ -1,5 +1,6 @@
 """Two processes (jax.distributed on CPU, 4 fake devices each) train on one 8-device mesh and write one
 Orbax checkpoint together; a plain single process then loads it."""
+
 import itertools
 import json
 import os
@@ -25,17 +26,25 @@ def test_two_processes_train_and_save_one_checkpoint(tmp_path):
   import jax
   from flax import nnx
 
-  import models
-  from models.layers import RouterBias
-  from rl_jax import checkpoint, data
+  from rl_jax import checkpoint, data, models
+  from rl_jax.models.layers import RouterBias
 
   tok = str(tmp_path / "tokenizer")
   data.save(data.train_bpe(itertools.islice(data.documents(0), 4000), 512), tok)
   run_dir, port = str(tmp_path / "run"), _free_port()
   # Output to files, not pipes: a worker blocked on a full pipe would stall the other one in a collective.
   logs = [(open(tmp_path / f"worker{i}.out", "w+"), open(tmp_path / f"worker{i}.err", "w+")) for i in range(2)]
-  procs = [subprocess.Popen([sys.executable, "tests/_two_process_worker.py", run_dir, tok, str(port), str(i)],
-                            cwd=REPO, env=child_env(4), stdout=o, stderr=e, text=True) for i, (o, e) in enumerate(logs)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "tests/_two_process_worker.py", run_dir, tok, str(port), str(i)],
+      cwd=REPO,
+      env=child_env(4),
+      stdout=o,
+      stderr=e,
+      text=True,
+    )
+    for i, (o, e) in enumerate(logs)
+  ]
   deadline = time.monotonic() + TIMEOUT_S
   try:
     for p in procs:
@@ -57,10 +66,10 @@ def test_two_processes_train_and_save_one_checkpoint(tmp_path):
   assert [(r["process"], r["processes"], r["devices"], r["local_devices"]) for r in res] == [(0, 2, 8, 4), (1, 2, 8, 4)]
   assert res[0]["step"] == res[1]["step"] == 2
   assert res[0]["loss"] == res[1]["loss"] and np.isfinite(res[0]["loss"]), res
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:     # process 0 writes the run's records
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # process 0 writes the run's records
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [1, 2] and rows[-1]["loss"] == res[0]["loss"]
-  assert rows[-1]["tokens"] == 8 * 16 and rows[-1]["load_imbalance"] >= 1   # the global batch, both halves
+  assert rows[-1]["tokens"] == 8 * 16 and rows[-1]["load_imbalance"] >= 1  # the global batch, both halves
   # each process saved its own data-iterator state; they read disjoint shards, so the states differ
   states = [json.load(open(os.path.join(run_dir, "data_state", f"step_2_proc_{i}.json"))) for i in range(2)]
   assert states[0] != states[1]
@@ -75,4 +84,4 @@ def test_two_processes_train_and_save_one_checkpoint(tmp_path):
   leaves = jax.tree.leaves(nnx.state(model).to_pure_dict())
   assert len(leaves) > 20 and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
   bias = jax.tree.leaves(nnx.state(model, RouterBias).to_pure_dict())
-  assert len(bias) == 2 and any(np.abs(np.asarray(b)).max() > 0 for b in bias)    # two updates moved it
+  assert len(bias) == 2 and any(np.abs(np.asarray(b)).max() > 0 for b in bias)  # two updates moved it

@@ -1,4 +1,4 @@
-"""Greedy packing of token documents into fixed-length rows with segment ids, plus batching.
+"""Greedy packing of token documents into fixed-length rows with segment ids.
 
 Row layout (all int32 [seq_len]):
   tokens       document tokens, pad_id after the last document
@@ -14,7 +14,7 @@ document's next token (in the next row), so no target ever crosses into another 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,75 +24,56 @@ Pending = tuple[Sequence[int], int]  # (document, tokens of it already emitted)
 
 
 def fill_row(
-    pull: Callable[[], Sequence[int]],
-    pending: Pending | None,
-    seq_len: int,
-    eos_id: int,
-    pad_id: int = 0,
+  pull: Callable[[], Sequence[int]],
+  pending: Pending | None,
+  seq_len: int,
+  eos_id: int,
+  pad_id: int = 0,
 ) -> tuple[dict[str, np.ndarray] | None, Pending | None]:
-    """Builds one row from `pending` then documents from `pull()` (raises StopIteration at the end).
+  """Builds one row from `pending` then documents from `pull()` (raises StopIteration at the end).
 
-    Returns (row or None when there is no data left, the new pending document or None).
-    """
-    row = {k: np.zeros([seq_len], np.int32) for k in FIELDS}
-    row["tokens"][:] = pad_id
-    row["targets"][:] = pad_id
-    used, segment = 0, 0
-    while used < seq_len:
-        if pending is None:
-            try:
-                doc = pull()
-            except StopIteration:
-                break
-            if len(doc) == 0:
-                continue
-            pending = (doc, 0)
-        doc, offset = pending
-        rest = len(doc) - offset
-        if used and rest > seq_len - used and rest <= seq_len:
-            break  # fits an empty row but not this one: start the next row with it
-        n = min(rest, seq_len - used)
-        segment += 1
-        span = slice(used, used + n)
-        row["tokens"][span] = doc[offset:offset + n]
-        row["targets"][span] = list(doc[offset + 1:offset + n + 1]) + ([eos_id] if n == rest else [])
-        row["segment_ids"][span] = segment
-        row["positions"][span] = np.arange(n)
-        row["loss_mask"][span] = 1
-        used += n
-        pending = None if n == rest else (doc, offset + n)
-    return (row if used else None), pending
+  Returns (row or None when there is no data left, the new pending document or None).
+  """
+  row = {k: np.zeros([seq_len], np.int32) for k in FIELDS}
+  row["tokens"][:] = pad_id
+  row["targets"][:] = pad_id
+  used, segment = 0, 0
+  while used < seq_len:
+    if pending is None:
+      try:
+        doc = pull()
+      except StopIteration:
+        break
+      if len(doc) == 0:
+        continue
+      pending = (doc, 0)
+    doc, offset = pending
+    rest = len(doc) - offset
+    if used and rest > seq_len - used and rest <= seq_len:
+      break  # fits an empty row but not this one: start the next row with it
+    n = min(rest, seq_len - used)
+    segment += 1
+    span = slice(used, used + n)
+    row["tokens"][span] = doc[offset : offset + n]
+    row["targets"][span] = list(doc[offset + 1 : offset + n + 1]) + ([eos_id] if n == rest else [])
+    row["segment_ids"][span] = segment
+    row["positions"][span] = np.arange(n)
+    row["loss_mask"][span] = 1
+    used += n
+    pending = None if n == rest else (doc, offset + n)
+  return (row if used else None), pending
 
 
 def pack(
-    token_seqs: Iterable[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0
+  token_seqs: Iterable[Sequence[int]], seq_len: int, eos_id: int, pad_id: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Packs documents into rows of length seq_len (see the module docstring for the layout)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    docs = iter(token_seqs)
-    pending = None
-    while True:
-        row, pending = fill_row(lambda: next(docs), pending, seq_len, eos_id, pad_id)
-        if row is None:
-            return
-        yield row
-
-
-def stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """[T] rows -> int32 [B, T] arrays."""
-    return {k: np.stack([r[k] for r in rows]).astype(np.int32) for k in rows[0]}
-
-
-def batches(
-    rows: Iterable[dict[str, np.ndarray]], batch_size: int, drop_remainder: bool = True
-) -> Iterator[dict[str, np.ndarray]]:
-    """Groups rows into int32 [B, T] batches; a short last batch is dropped unless asked."""
-    buf = []
-    for row in rows:
-        buf.append(row)
-        if len(buf) == batch_size:
-            yield stack(buf)
-            buf = []
-    if buf and not drop_remainder:
-        yield stack(buf)
+  """Packs documents into rows of length seq_len (see the module docstring for the layout)."""
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be positive, got {seq_len}")
+  docs = iter(token_seqs)
+  pending = None
+  while True:
+    row, pending = fill_row(lambda: next(docs), pending, seq_len, eos_id, pad_id)
+    if row is None:
+      return
+    yield row

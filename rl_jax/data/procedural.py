@@ -14,198 +14,200 @@ import fractions
 import itertools
 import operator
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 KINDS = ("arithmetic", "countdown", "mixed")
 
 
 def _digits(n: int) -> list[int]:
-    """Least significant digit first."""
-    return [int(c) for c in reversed(str(n))]
+  """Least significant digit first."""
+  return [int(c) for c in reversed(str(n))]
 
 
 # ---------------------------------------------------------------- arithmetic
 
 
 def _add_steps(a: int, b: int) -> list[str]:
-    da, db = _digits(a), _digits(b)
-    steps, carry, width = [], 0, max(len(da), len(db))
-    for i in range(width):
-        terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
-        s = sum(terms)
-        if len(terms) == 1:
-            steps.append(f"bring down {s}")
-        elif i == width - 1:
-            steps.append(f"{'+'.join(map(str, terms))}={s}, write {s}")
-        else:
-            carry, digit = divmod(s, 10)
-            steps.append(f"{'+'.join(map(str, terms))}={s}, write {digit}"
-                         + (f" carry {carry}" if carry else ""))
-    return steps
+  da, db = _digits(a), _digits(b)
+  steps, carry, width = [], 0, max(len(da), len(db))
+  for i in range(width):
+    terms = [d[i] for d in (da, db) if i < len(d)] + ([carry] if carry else [])
+    s = sum(terms)
+    if len(terms) == 1:
+      steps.append(f"bring down {s}")
+    elif i == width - 1:
+      steps.append(f"{'+'.join(map(str, terms))}={s}, write {s}")
+    else:
+      carry, digit = divmod(s, 10)
+      steps.append(f"{'+'.join(map(str, terms))}={s}, write {digit}" + (f" carry {carry}" if carry else ""))
+  return steps
 
 
 def _sub_steps(a: int, b: int) -> list[str]:  # a >= b
-    da, db = _digits(a), _digits(b)
-    steps, borrow = [], 0
-    for i, top in enumerate(da):
-        lhs, v = str(top), top
-        if borrow:
-            lhs, v = f"{lhs}-1", v - 1
-        if i < len(db):
-            lhs, v = f"{lhs}-{db[i]}", v - db[i]
-        if lhs == str(top):
-            steps.append(f"bring down {top}")
-            continue
-        borrow = int(v < 0)
-        if borrow:
-            lhs, v = f"10+{lhs}", v + 10
-        steps.append(f"{lhs}={v}, write {v}" + (" borrow 1" if borrow else ""))
-    return steps
+  da, db = _digits(a), _digits(b)
+  steps, borrow = [], 0
+  for i, top in enumerate(da):
+    lhs, v = str(top), top
+    if borrow:
+      lhs, v = f"{lhs}-1", v - 1
+    if i < len(db):
+      lhs, v = f"{lhs}-{db[i]}", v - db[i]
+    if lhs == str(top):
+      steps.append(f"bring down {top}")
+      continue
+    borrow = int(v < 0)
+    if borrow:
+      lhs, v = f"10+{lhs}", v + 10
+    steps.append(f"{lhs}={v}, write {v}" + (" borrow 1" if borrow else ""))
+  return steps
 
 
 def _mul_steps(a: int, b: int) -> list[str]:
-    if b < 10:  # column multiplication with carries
-        da, steps, carry = _digits(a), [], 0
-        for i, d in enumerate(da):
-            lhs = f"{d}*{b}" + (f"+{carry}" if carry else "")
-            s = d * b + carry
-            if i == len(da) - 1:
-                steps.append(f"{lhs}={s}, write {s}")
-            else:
-                carry = s // 10
-                steps.append(f"{lhs}={s}, write {s % 10}" + (f" carry {carry}" if carry else ""))
-        return steps
-    parts = [(a, d * 10**i) for i, d in enumerate(_digits(b)) if d]  # partial products
-    steps = [f"{x}*{y}={x * y}" for x, y in parts]
-    total = parts[0][0] * parts[0][1]
-    for x, y in parts[1:]:
-        steps.append(f"{total}+{x * y}={total + x * y}")
-        total += x * y
+  if b < 10:  # column multiplication with carries
+    da, steps, carry = _digits(a), [], 0
+    for i, d in enumerate(da):
+      lhs = f"{d}*{b}" + (f"+{carry}" if carry else "")
+      s = d * b + carry
+      if i == len(da) - 1:
+        steps.append(f"{lhs}={s}, write {s}")
+      else:
+        carry = s // 10
+        steps.append(f"{lhs}={s}, write {s % 10}" + (f" carry {carry}" if carry else ""))
     return steps
+  parts = [(a, d * 10**i) for i, d in enumerate(_digits(b)) if d]  # partial products
+  steps = [f"{x}*{y}={x * y}" for x, y in parts]
+  total = parts[0][0] * parts[0][1]
+  for x, y in parts[1:]:
+    steps.append(f"{total}+{x * y}={total + x * y}")
+    total += x * y
+  return steps
 
 
 def _expr_steps(nums: list[int], ops: list[str]) -> tuple[list[str], int]:
-    """Evaluates with precedence: products left to right, then sums left to right."""
-    nums, ops, steps = list(nums), list(ops), []
-    for phase in ("*", "+-"):
-        i = 0
-        while i < len(ops):
-            if ops[i] in phase:
-                x, y = nums[i], nums[i + 1]
-                r = x * y if ops[i] == "*" else x + y if ops[i] == "+" else x - y
-                steps.append(f"{x}{ops[i]}{y}={r}")
-                nums[i:i + 2], ops[i:i + 1] = [r], []
-            else:
-                i += 1
-    return steps, nums[0]
+  """Evaluates with precedence: products left to right, then sums left to right."""
+  nums, ops, steps = list(nums), list(ops), []
+  for phase in ("*", "+-"):
+    i = 0
+    while i < len(ops):
+      if ops[i] in phase:
+        x, y = nums[i], nums[i + 1]
+        r = x * y if ops[i] == "*" else x + y if ops[i] == "+" else x - y
+        steps.append(f"{x}{ops[i]}{y}={r}")
+        nums[i : i + 2], ops[i : i + 1] = [r], []
+      else:
+        i += 1
+  return steps, nums[0]
 
 
 def _arithmetic(rng: random.Random) -> dict[str, Any]:
-    op = rng.choice(("+", "-", "*", "expr"))
-    if op == "expr":
-        nums = [rng.randint(1, 30) for _ in range(3)]
-        ops = [rng.choice("+-*") for _ in range(2)]
-        expression = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}"
-        steps, value = _expr_steps(nums, ops)
-    else:
-        a, b = rng.randint(1, 10 ** rng.randint(1, 4) - 1), rng.randint(1, 10 ** rng.randint(1, 3) - 1)
-        if op == "-":
-            a, b = max(a, b), min(a, b)
-        if op == "*":
-            a, b = rng.randint(2, 999), rng.randint(2, 99)
-        expression = f"{a}{op}{b}"
-        steps = {"+": _add_steps, "-": _sub_steps, "*": _mul_steps}[op](a, b)
-        value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return dict(kind="arithmetic", prompt=f"Q: {expression}=? A:", steps=steps, answer=str(value),
-                target=value, expression=expression)
+  op = rng.choice(("+", "-", "*", "expr"))
+  if op == "expr":
+    nums = [rng.randint(1, 30) for _ in range(3)]
+    ops = [rng.choice("+-*") for _ in range(2)]
+    expression = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}"
+    steps, value = _expr_steps(nums, ops)
+  else:
+    a, b = rng.randint(1, 10 ** rng.randint(1, 4) - 1), rng.randint(1, 10 ** rng.randint(1, 3) - 1)
+    if op == "-":
+      a, b = max(a, b), min(a, b)
+    if op == "*":
+      a, b = rng.randint(2, 999), rng.randint(2, 99)
+    expression = f"{a}{op}{b}"
+    steps = {"+": _add_steps, "-": _sub_steps, "*": _mul_steps}[op](a, b)
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+  return dict(
+    kind="arithmetic",
+    prompt=f"Q: {expression}=? A:",
+    steps=steps,
+    answer=str(value),
+    target=value,
+    expression=expression,
+  )
 
 
 # ----------------------------------------------------------------- countdown
 
 
 def _countdown(rng: random.Random) -> dict[str, Any]:
-    while True:  # rejection-sample a combination order whose result is a sensible target
-        numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
-        pool = [(n, str(n)) for n in numbers]  # (value, expression as an operand)
-        steps, raw = [], ""
-        while len(pool) > 1:
-            (x, ex), (y, ey) = [pool.pop(rng.randrange(len(pool))) for _ in range(2)]
-            if x < y:
-                (x, ex), (y, ey) = (y, ey), (x, ex)
-            ops = ["+"] + (["-"] if x > y else []) + (["*"] if x * y <= 2000 else [])
-            ops += ["/"] if y > 1 and x % y == 0 else []
-            op = rng.choice(ops)
-            r = {"+": x + y, "-": x - y, "*": x * y, "/": x // max(y, 1)}[op]
-            steps.append(f"{x}{op}{y}={r}")
-            raw = f"{ex}{op}{ey}"
-            pool.append((r, f"({raw})"))
-        target = pool[0][0]
-        if 10 <= target <= 999 and target not in numbers:
-            break
-    shown = sorted(numbers, key=lambda _: rng.random())
-    prompt = (f"Q: Using the numbers {shown}, make {target}. Use +, -, *, / and each number "
-              "exactly once. A:")
-    return dict(kind="countdown", prompt=prompt, steps=steps, answer=raw, target=target,
-                numbers=shown)
+  while True:  # rejection-sample a combination order whose result is a sensible target
+    numbers = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+    pool = [(n, str(n)) for n in numbers]  # (value, expression as an operand)
+    steps, raw = [], ""
+    while len(pool) > 1:
+      (x, ex), (y, ey) = [pool.pop(rng.randrange(len(pool))) for _ in range(2)]
+      if x < y:
+        (x, ex), (y, ey) = (y, ey), (x, ex)
+      ops = ["+"] + (["-"] if x > y else []) + (["*"] if x * y <= 2000 else [])
+      ops += ["/"] if y > 1 and x % y == 0 else []
+      op = rng.choice(ops)
+      r = {"+": x + y, "-": x - y, "*": x * y, "/": x // max(y, 1)}[op]
+      steps.append(f"{x}{op}{y}={r}")
+      raw = f"{ex}{op}{ey}"
+      pool.append((r, f"({raw})"))
+    target = pool[0][0]
+    if 10 <= target <= 999 and target not in numbers:
+      break
+  shown = sorted(numbers, key=lambda _: rng.random())
+  prompt = f"Q: Using the numbers {shown}, make {target}. Use +, -, *, / and each number exactly once. A:"
+  return dict(kind="countdown", prompt=prompt, steps=steps, answer=raw, target=target, numbers=shown)
 
 
 # -------------------------------------------------------------------- public
 
 
 def problem_at(seed: int, index: int, kind: str = "mixed") -> dict[str, Any]:
-    """Problem `index` of the stream `seed`: prompt, solution, answer, target (ground truth), text."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown procedural kind {kind!r}; expected one of {KINDS}")
-    rng = random.Random(f"rl_jax.procedural/{seed}/{index}")  # str seeds hash stably (sha512)
-    if kind == "mixed":
-        kind = rng.choice(("arithmetic", "countdown"))
-    p = _arithmetic(rng) if kind == "arithmetic" else _countdown(rng)
-    p["solution"] = f"<think>{'; '.join(p.pop('steps'))}</think><answer>{p['answer']}</answer>"
-    p["text"] = f"{p['prompt']} {p['solution']}"
-    return p
+  """Problem `index` of the stream `seed`: prompt, solution, answer, target (ground truth), text."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown procedural kind {kind!r}; expected one of {KINDS}")
+  rng = random.Random(f"rl_jax.procedural/{seed}/{index}")  # str seeds hash stably (sha512)
+  if kind == "mixed":
+    kind = rng.choice(("arithmetic", "countdown"))
+  p = _arithmetic(rng) if kind == "arithmetic" else _countdown(rng)
+  p["solution"] = f"<think>{'; '.join(p.pop('steps'))}</think><answer>{p['answer']}</answer>"
+  p["text"] = f"{p['prompt']} {p['solution']}"
+  return p
 
 
 def document_at(seed: int, index: int, kind: str = "mixed") -> str:
-    return problem_at(seed, index, kind)["text"]
+  return problem_at(seed, index, kind)["text"]
 
 
 def documents(seed: int, kind: str = "mixed") -> Iterator[str]:
-    """Infinite deterministic stream of documents."""
-    for i in itertools.count():
-        yield document_at(seed, i, kind)
+  """Infinite deterministic stream of documents."""
+  for i in itertools.count():
+    yield document_at(seed, i, kind)
 
 
 def problems(seed: int, n: int, kind: str = "mixed") -> list[dict[str, Any]]:
-    """The first n problems of stream `seed` (for RL prompts and evaluation)."""
-    return [problem_at(seed, i, kind) for i in range(n)]
+  """The first n problems of stream `seed` (for RL prompts and evaluation)."""
+  return [problem_at(seed, i, kind) for i in range(n)]
 
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
 def _eval(node: ast.AST, leaves: list[int]) -> fractions.Fraction:
-    """Exact evaluation of + - * / over integer literals; collects the literals used."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        leaves.append(node.value)
-        return fractions.Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_eval(node.left, leaves), _eval(node.right, leaves))
-    raise ValueError(f"not allowed in an answer: {ast.dump(node)[:40]}")
+  """Exact evaluation of + - * / over integer literals; collects the literals used."""
+  if isinstance(node, ast.Constant) and type(node.value) is int:
+    leaves.append(node.value)
+    return fractions.Fraction(node.value)
+  if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+    return _OPS[type(node.op)](_eval(node.left, leaves), _eval(node.right, leaves))
+  raise ValueError(f"not allowed in an answer: {ast.dump(node)[:40]}")
 
 
 def verify(problem: dict[str, Any], answer: str) -> bool:
-    """Whether `answer` (the text inside <answer>) solves `problem`."""
-    answer = answer.strip()
-    if problem["kind"] == "arithmetic":
-        try:
-            return int(answer) == problem["target"]
-        except ValueError:
-            return False
-    leaves: list[int] = []
+  """Whether `answer` (the text inside <answer>) solves `problem`."""
+  answer = answer.strip()
+  if problem["kind"] == "arithmetic":
     try:
-        value = _eval(ast.parse(answer, mode="eval").body, leaves)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
-        return False
-    return value == problem["target"] and collections.Counter(leaves) == collections.Counter(
-        problem["numbers"])
+      return int(answer) == problem["target"]
+    except ValueError:
+      return False
+  leaves: list[int] = []
+  try:
+    value = _eval(ast.parse(answer, mode="eval").body, leaves)
+  except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+    return False
+  return value == problem["target"] and collections.Counter(leaves) == collections.Counter(problem["numbers"])

@@ -3,6 +3,7 @@
 Rerunning the same command resumes from the newest checkpoint in <run_dir>/checkpoints (state, RNG,
 router bias and the data iterator) and continues exactly as if it had never stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,17 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import models
 from rl_jax import checkpoint as ckpt
-from rl_jax import report
+from rl_jax import models, report
 from rl_jax.bench import train_flops_per_token
 from rl_jax.config import RunConfig, model_config, to_dict
+from rl_jax.sharding import mesh as smesh
+from rl_jax.sharding import rules as srules
 from rl_jax.train import state as S
 from rl_jax.train import step as ST
-from sharding import mesh as smesh
-from sharding import rules as srules
 
 
 class Diverged(FloatingPointError, ValueError):
@@ -31,7 +32,9 @@ class Diverged(FloatingPointError, ValueError):
 
 def prepare_tokenizer(run: RunConfig, run_dir: str, vocab_size: int):
   """The run's tokenizer: its saved copy when resuming, a given one, or a byte-level BPE trained now."""
-  from rl_jax.data import pipeline, tokenizer as toks
+  from rl_jax.data import pipeline
+  from rl_jax.data import tokenizer as toks
+
   saved = os.path.join(run_dir, "tokenizer")
   if os.path.exists(os.path.join(saved, "tokenizer.json")):
     return toks.load(saved), saved
@@ -50,7 +53,7 @@ def prepare_tokenizer(run: RunConfig, run_dir: str, vocab_size: int):
 
 def batch_sharding(mesh, rules):
   spec = srules.logical_to_spec(("batch", None), rules, mesh)
-  return NamedSharding(mesh, P(None, *spec))       # [A, B/A, T]: micro-batch axis unsharded
+  return NamedSharding(mesh, P(None, *spec))  # [A, B/A, T]: micro-batch axis unsharded
 
 
 def global_batch(local: dict, sharding, grad_accum: int) -> dict:
@@ -69,40 +72,59 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
   tcfg = run.train
   n_proc = jax.process_count()
   if tcfg.batch_size % (n_proc * tcfg.grad_accum):
-    raise ValueError(f"train.batch_size ({tcfg.batch_size}) must divide by processes x grad_accum "
-                     f"({n_proc} x {tcfg.grad_accum})")
+    raise ValueError(
+      f"train.batch_size ({tcfg.batch_size}) must divide by processes x grad_accum ({n_proc} x {tcfg.grad_accum})"
+    )
 
   shards = srules.shard_count("batch", rules, mesh)
   micro = tcfg.batch_size // tcfg.grad_accum
   if micro % shards:
-    raise ValueError(f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must divide "
-                     f"by the {shards} batch shards of the mesh (mesh data x fsdp x expert)")
+    raise ValueError(
+      f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must divide "
+      f"by the {shards} batch shards of the mesh (mesh data x fsdp x expert)"
+    )
 
   # TOKENIZER + DATA
   tok, tok_dir = prepare_tokenizer(run, run_dir, mcfg.vocab_size)
   from rl_jax.data import pipeline
-  it = pipeline.make_iterator(run.data.source, tokenizer=tok, seq_len=tcfg.seq_len,
-                              batch_size=tcfg.batch_size // n_proc, seed=run.data.seed,
-                              shard_index=jax.process_index(), shard_count=n_proc, text_field=run.data.text_field)
+
+  it = pipeline.make_iterator(
+    run.data.source,
+    tokenizer=tok,
+    seq_len=tcfg.seq_len,
+    batch_size=tcfg.batch_size // n_proc,
+    seed=run.data.seed,
+    shard_index=jax.process_index(),
+    shard_count=n_proc,
+    text_field=run.data.text_field,
+  )
 
   # STATE: resume > --init > random, always born sharded
-  mngr = ckpt.manager(ckpt_dir, keep=run.checkpoint.keep, async_save=run.checkpoint.async_save,
-                      extra_items=[("train", __import__("orbax.checkpoint").checkpoint.StandardCheckpointHandler())])
+  mngr = ckpt.manager(
+    ckpt_dir,
+    keep=run.checkpoint.keep,
+    async_save=run.checkpoint.async_save,
+    extra_items=[("train", __import__("orbax.checkpoint").checkpoint.StandardCheckpointHandler())],
+  )
   start = mngr.latest_step()
   init_params = None
   if start is None and run.init:
-    init_params = S.split_model(ckpt.load_model(run.init, mesh=mesh, rules=rules,
-                                                param_dtype=mcfg.param_dtype, dtype=mcfg.dtype))[1:]
+    init_params = S.split_model(
+      ckpt.load_model(run.init, mesh=mesh, rules=rules, param_dtype=mcfg.param_dtype, dtype=mcfg.dtype)
+    )[1:]
     _check_init_shapes(run.init, init_params, mcfg)
   with jax.set_mesh(mesh):
     graphdef, state, shardings, tx = S.init_state(mcfg, run, mesh, rules, init_params)
   if start is not None:
     try:
-      state, data_state = ckpt.restore_train(mngr, start, jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings, run_dir)
+      state, data_state = ckpt.restore_train(
+        mngr, start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), shardings, run_dir
+      )
       if data_state is None:
-        raise ValueError(f"{run_dir}: checkpoint step {start} has no data-iterator state for process "
-                         f"{jax.process_index()}; cannot resume exactly")
+        raise ValueError(
+          f"{run_dir}: checkpoint step {start} has no data-iterator state for process "
+          f"{jax.process_index()}; cannot resume exactly"
+        )
     except BaseException:
       mngr.close()
       raise
@@ -114,8 +136,12 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
   replicated = NamedSharding(mesh, P())
   step_fn = ST.make_train_step(graphdef, mcfg, tcfg, tx, S.schedule(run.optimizer, tcfg.steps))
   with jax.set_mesh(mesh):
-    jstep = jax.jit(step_fn, in_shardings=(shardings, {k: bsh for k in ST.BATCH_KEYS}),
-                    out_shardings=(shardings, replicated), donate_argnums=0)
+    jstep = jax.jit(
+      step_fn,
+      in_shardings=(shardings, {k: bsh for k in ST.BATCH_KEYS}),
+      out_shardings=(shardings, replicated),
+      donate_argnums=0,
+    )
 
   meta = {"stage": stage, "run_config": to_dict(run), "model_config": ckpt.config_to_json(mcfg)}
   if jax.process_index() == 0:
@@ -123,8 +149,9 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
     with open(os.path.join(ckpt_dir, "model_config.json"), "w") as f:
       json.dump(ckpt.config_to_json(mcfg), f, indent=2)
     ckpt.copy_tokenizer(tok_dir, os.path.join(ckpt_dir, "tokenizer"))
-  writer = report.MetricsWriter(run_dir, total_steps=tcfg.steps, start_step=start,
-                                enabled=jax.process_index() == 0, desc=stage)
+  writer = report.MetricsWriter(
+    run_dir, total_steps=tcfg.steps, start_step=start, enabled=jax.process_index() == 0, desc=stage
+  )
   fpt = train_flops_per_token(mcfg, tcfg.seq_len)
   every = run.checkpoint.every
   pending, last, logged, saved = None, {}, start, start
@@ -142,7 +169,7 @@ def train(run: RunConfig, *, stage: str = "pretrain") -> dict:
       writer.advance()
       done = step + 1 == tcfg.steps
       if done or (every and (step + 1) % every == 0):
-        _check_finite(step + 1, metrics, saved)   # syncs, but only at saves: never checkpoint a diverged state
+        _check_finite(step + 1, metrics, saved)  # syncs, but only at saves: never checkpoint a diverged state
         ckpt.save_train(mngr, step + 1, state, meta=meta, data_state=it.get_state(), run_dir=run_dir)
         saved = step + 1
     if pending is not None and pending[0] != logged:
@@ -174,8 +201,10 @@ def _check_init_shapes(path, init_params, mcfg):
   want = jax.tree.map(lambda x: x.shape, nnx.state(want, nnx.Param).to_pure_dict())
   got = jax.tree.map(lambda x: x.shape, init_params[0].to_pure_dict())
   if want != got:
-    raise ValueError(f"--init {path}: its parameters do not match the run's model (different architecture; "
-                     f"only rope / max_position_embeddings / dtypes may differ)")
+    raise ValueError(
+      f"--init {path}: its parameters do not match the run's model (different architecture; "
+      f"only rope / max_position_embeddings / dtypes may differ)"
+    )
 
 
 def _log(writer, pending, fpt, clock, n_steps, saved):

@@ -4,18 +4,19 @@ loss = CE(next token) + lambda * MTP + alpha * sum_layers L_bal + z * z-loss; gr
 micro-batches runs inside the jit (lax.scan); after the update each MoE layer's router bias moves by
 gamma * sign(mean load - load), the load summed over the whole global batch.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models.config import ModelConfig
 from rl_jax import losses
 from rl_jax.config import TrainConfig
+from rl_jax.models.config import ModelConfig
 from rl_jax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -24,7 +25,9 @@ BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
 def bias_paths(cfg: ModelConfig) -> list[tuple]:
   """Router-bias paths in routing order: main MoE layers, then the MTP blocks."""
   main = [("layers", i, "mlp", "bias") for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-  mtp = [("mtp", k, "block", "mlp", "bias") for k in range(cfg.num_nextn_predict_layers)] if cfg.n_routed_experts else []
+  mtp = (
+    [("mtp", k, "block", "mlp", "bias") for k in range(cfg.num_nextn_predict_layers)] if cfg.n_routed_experts else []
+  )
   return main + mtp
 
 
@@ -33,8 +36,13 @@ def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
 
   def loss_fn(params, bias, batch):
     model = nnx.merge(graphdef, params, bias)
-    out = model.forward(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                        mtp=use_mtp, remat=train.remat)
+    out = model.forward(
+      batch["tokens"],
+      positions_BT=batch["positions"],
+      segment_ids_BT=batch["segment_ids"],
+      mtp=use_mtp,
+      remat=train.remat,
+    )
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits_BTV, batch["targets"], mask)
     mtp = losses.mtp_loss(out.mtp_logits, batch["targets"], mask, batch["segment_ids"]) if use_mtp else 0.0
@@ -42,17 +50,26 @@ def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
     bal = sum((losses.balance_loss(r.scores_TE, r.experts_TK, mask) for r in routing), jnp.zeros(()))
     z = losses.z_loss(out.logits_BTV, mask) if train.z_loss > 0 else 0.0
     loss = ce + train.mtp_lambda * mtp + train.balance_alpha * bal + train.z_loss * z
-    load = (jnp.stack([losses.expert_load(r.experts_TK, mask, cfg.n_routed_experts) for r in routing])
-            if routing else jnp.zeros((0, 1)))
-    metrics = {"loss": loss, "ce": ce, "mtp": jnp.asarray(mtp, jnp.float32), "balance": bal,
-               "tokens": mask.sum().astype(jnp.float32)}
+    load = (
+      jnp.stack([losses.expert_load(r.experts_TK, mask, cfg.n_routed_experts) for r in routing])
+      if routing
+      else jnp.zeros((0, 1))
+    )
+    metrics = {
+      "loss": loss,
+      "ce": ce,
+      "mtp": jnp.asarray(mtp, jnp.float32),
+      "balance": bal,
+      "tokens": mask.sum().astype(jnp.float32),
+    }
     return loss, (metrics, load)
 
   return loss_fn
 
 
-def make_train_step(graphdef, cfg: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation,
-                    lr_schedule=None) -> Callable:
+def make_train_step(
+  graphdef, cfg: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation, lr_schedule=None
+) -> Callable:
   loss_fn = make_loss_fn(graphdef, cfg, train)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   paths = bias_paths(cfg)
@@ -92,7 +109,7 @@ def make_train_step(graphdef, cfg: ModelConfig, train: TrainConfig, tx: optax.Gr
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
     if paths:
       mean = load.mean(-1)
-      metrics["load_imbalance"] = (load.max(-1) / jnp.maximum(mean, 1e-9)).mean()   # max/mean, 1 = balanced
+      metrics["load_imbalance"] = (load.max(-1) / jnp.maximum(mean, 1e-9)).mean()  # max/mean, 1 = balanced
     return TrainState(state.step + 1, params, bias, opt_state, state.rng), metrics
 
   return step
