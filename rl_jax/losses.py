@@ -73,3 +73,144 @@ def z_loss(logits_BTV, mask_BT):
 def bias_update(bias_E, load_E, gamma: float):
   """Aux-loss-free balancing: b_i += gamma * sign(mean load - load_i)."""
   return bias_E + gamma * jnp.sign(load_E.mean() - load_E)
+
+
+# ------------------------------------------------------------------ policy-gradient (GRPO family)
+# Sequences are rows: logp / old_logp / ref_logp / mask are [N, T] over the completion tokens, advantages [N].
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def group_advantages(rewards, group_size: int, *, scale: str = "group"):
+  """Outcome advantages for rewards [N] grouped contiguously (rows p*G .. p*G+G-1, as the sampler returns them).
+
+  "group": (r - group mean) / (group sample std + 1e-4)  (GRPO);  "batch": the group mean removed, divided by the
+  sample std of all N rewards + 1e-4;  "none": the group mean removed only (Dr. GRPO)."""
+  r = jnp.asarray(rewards, jnp.float32)
+  N = r.shape[0]
+  if scale not in ("group", "batch", "none"):
+    raise ValueError(f"advantage scale must be 'group', 'batch' or 'none', got {scale!r}")
+  if group_size < 1 or N % group_size:
+    raise ValueError(f"{N} rewards do not split into groups of {group_size}")
+  if scale == "group" and group_size < 2:
+    raise ValueError("advantage scale 'group' needs group_size >= 2 (a sample std of one reward is undefined)")
+  g = r.reshape(N // group_size, group_size)
+  centred = g - g.mean(1, keepdims=True)
+  if scale == "group":
+    return (centred / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(N)
+  if scale == "batch":
+    return centred.reshape(N) / (r.std(ddof=1) + 1e-4)
+  return centred.reshape(N)
+
+
+def kl_penalty(logp, ref_logp, kind: str = "k3"):
+  """Per-token estimators of KL(pi || pi_ref) from tokens sampled by pi (Schulman's k1, k2, k3; k3 >= 0)."""
+  d = ref_logp - logp  # log(pi_ref / pi)
+  if kind == "k1":
+    return -d
+  if kind == "k2":
+    return 0.5 * d * d
+  if kind == "k3":
+    return jnp.exp(d) - d - 1.0
+  raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
+
+
+def loss_denominator(mask, loss_agg: str = "seq-mean-token-mean", max_len: int | None = None):
+  """What `policy_loss` divides by: computed once on the whole batch and passed to every micro-batch, the
+  chosen aggregation holds for the batch (token-mean divides by the global token count)."""
+  mask = jnp.asarray(mask, jnp.float32)
+  if loss_agg == "token-mean":
+    return mask.sum()
+  n_seq = (mask.sum(1) > 0).sum().astype(jnp.float32)  # rows with no completion token (padding) do not count
+  if loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+    return n_seq
+  if loss_agg == "seq-mean-token-sum-norm":
+    return n_seq * float(max_len or mask.shape[1])
+  raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+def policy_loss(
+  logp,
+  old_logp,
+  advantages,
+  mask,
+  *,
+  ref_logp=None,
+  loss_agg: str = "seq-mean-token-mean",
+  clip_low: float = 0.2,
+  clip_high: float = 0.2,
+  beta: float = 0.0,
+  kl: str = "k3",
+  ratio_level: str = "token",
+  max_len: int | None = None,
+  token_weights=None,
+  denominator=None,
+):
+  """Clipped policy-gradient loss with an optional KL to a reference; returns (loss, metrics).
+
+  Per token: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) [* token_weights] + beta * KL_kl(pi || pi_ref), with
+  r = exp(logp - old_logp) ("token") or GSPO's length-normalised sequence ratio exp(mean_t (logp - old_logp))
+  broadcast over the row's tokens ("sequence"). `token_weights` (e.g. truncated importance weights for the
+  sampler/trainer mismatch) scale the surrogate only. Aggregation (verl's names): "token-mean" sums over all
+  tokens / token count; "seq-mean-token-mean" averages each row over its tokens, then rows; "seq-mean-token-sum"
+  sums each row, averages rows; "seq-mean-token-sum-norm" sums everything / (rows * max_len) (Dr. GRPO).
+  `denominator`: the whole batch's `loss_denominator`, for exact gradient accumulation over micro-batches."""
+  if ratio_level not in ("token", "sequence"):
+    raise ValueError(f"ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
+  mask = jnp.asarray(mask, jnp.float32)
+  logp = jnp.asarray(logp, jnp.float32)
+  A = jnp.asarray(advantages, jnp.float32)[:, None]
+  log_ratio = (logp - old_logp) * mask
+  if ratio_level == "sequence":
+    seq = log_ratio.sum(1, keepdims=True) / jnp.maximum(mask.sum(1, keepdims=True), 1.0)
+    log_ratio = jnp.broadcast_to(seq, logp.shape)
+  ratio = jnp.exp(log_ratio)
+  clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  surrogate = -jnp.minimum(ratio * A, clipped_ratio * A)
+  if token_weights is not None:
+    surrogate = surrogate * token_weights
+  per_token = surrogate
+  kl_tok = jnp.zeros_like(logp)
+  if ref_logp is not None:
+    kl_tok = kl_penalty(logp, ref_logp, kl)
+    per_token = per_token + beta * kl_tok
+  if loss_agg == "seq-mean-token-mean":
+    row_tokens = jnp.maximum(mask.sum(1, keepdims=True), 1.0)
+    numerator = (per_token * mask / row_tokens).sum()
+  else:
+    numerator = (per_token * mask).sum()
+  den = loss_denominator(mask, loss_agg, max_len) if denominator is None else denominator
+  loss = numerator / jnp.maximum(den, 1e-9)
+  n_tok = jnp.maximum(mask.sum(), 1.0)
+  is_clipped = ((A > 0) & (ratio > 1.0 + clip_high)) | ((A < 0) & (ratio < 1.0 - clip_low))
+  metrics = {
+    "pg_loss": loss,
+    "clip_frac": (is_clipped * mask).sum() / n_tok,
+    "ratio_mean": (ratio * mask).sum() / n_tok,
+    "kl": (kl_tok * mask).sum() / n_tok,
+  }
+  return loss, metrics
+
+
+def chunked_token_logprobs(head_fn, hidden_BTD, targets_BT, *, chunk: int = 256, temperature: float = 1.0):
+  """(log p(target), entropy) per token, float32 [B, T], from final hidden states: `head_fn(h [B, c, D]) -> logits`
+  runs on `chunk` positions at a time and is recomputed in the backward pass, so no [B, T, V] float32 tensor ever
+  exists whole. Logits are divided by `temperature` first (the distribution the sampler drew from)."""
+  B, T, D = hidden_BTD.shape
+  c = min(chunk, T)
+  n = -(-T // c)
+  pad = n * c - T
+  h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, D).swapaxes(0, 1)
+  tg = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h_BcD, t_Bc):
+    logits = head_fn(h_BcD).astype(jnp.float32) / temperature
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, t_Bc[..., None], axis=-1)[..., 0]
+    entropy = logz - (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
+    return picked - logz, entropy
+
+  lp, ent = jax.lax.map(lambda a: one(*a), (h, tg))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+  return unchunk(lp), unchunk(ent)
