@@ -1,0 +1,353 @@
+"""GRPO rewards: small pure verifiers over decoded completions, combined with weights, run in a worker pool.
+
+Every verifier takes the completion text (without the prompt) and returns a float; none raises on model output
+(anything malformed scores 0.0). `score_batch` runs them in worker processes with a per-call timeout, so a
+pathological answer (a power tower handed to sympy, a 100 kB expression) costs one zero, never a stalled step.
+Components: format (R1's tags), accuracy (math-verify, Countdown, exact match, by problem kind), language
+(R1 stage 2), overlong (DAPO's soft length penalty, in tokens) and repetition (repeated n-grams).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import fractions
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import math_verify
+import numpy as np
+
+from rl_jax.data import procedural
+
+COMPONENTS = ("format", "accuracy", "language", "overlong", "repetition")
+_MV_TIMEOUT_S = 5  # math-verify's own (signal-based) guard: main thread only
+_MAX_ANSWER_CHARS = 1000  # sympy parse cost grows fast with length; no real answer is this long
+
+# ------------------------------------------------------------------- format
+
+
+def _answer(completion: str) -> str | None:
+  """Text of the last <answer>...</answer> block, or None."""
+  start = completion.rfind("<answer>")
+  end = completion.find("</answer>", start)
+  return completion[start + len("<answer>") : end] if start >= 0 and end >= 0 else None
+
+
+_FORMAT = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+
+
+def format_reward(completion: str, *, prefix: str = "") -> float:
+  """1.0 for exactly one non-empty <think> block followed by exactly one non-empty <answer> block, else 0.0."""
+  if not isinstance(completion, str):
+    return 0.0
+  text = prefix + completion  # a template that pre-fills "<think>" leaves it out of the completion
+  if any(text.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+    return 0.0  # several think blocks, nested or stray tags
+  m = _FORMAT.fullmatch(text)
+  return float(bool(m and m.group(1).strip() and m.group(2).strip()))
+
+
+# ----------------------------------------------------------------- accuracy
+
+
+_MIXED = re.compile(r"(\d+)\s+(\d+)\s*/\s*(\d+)")
+
+
+def _math_text(s: str) -> str:
+  """Bare answers go in $...$ (math-verify misreads plain text: '1+x' -> 1); '1 1/2' becomes a mixed number."""
+  s = s.strip()
+  if m := _MIXED.fullmatch(s):
+    s = rf"{m[1]}\frac{{{m[2]}}}{{{m[3]}}}"  # math-verify reads 1\frac{1}{2} as 3/2 but "1 1/2" as 1
+  return s if any(d in s for d in ("$", r"\(", r"\[", r"\boxed")) else f"${s}$"
+
+
+def math_reward(completion: str, gold: str) -> float:
+  """1.0 if the last <answer> block (a \\boxed{} inside it wins) equals `gold` symbolically (math-verify)."""
+  try:
+    answer = _answer(completion)
+    if answer is None or not answer.strip() or len(answer) > _MAX_ANSWER_CHARS:
+      return 0.0
+    t = _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    gold_p = math_verify.parse(_math_text(gold), parsing_timeout=t)
+    pred_p = math_verify.parse(_math_text(answer), parsing_timeout=t)
+    return float(bool(gold_p and pred_p and math_verify.verify(gold_p, pred_p, timeout_seconds=t)))
+  except Exception:
+    return 0.0
+
+
+def countdown_reward(completion: str, numbers: Sequence[int], target: int) -> float:
+  """1.0 if the <answer> uses each number exactly once with + - * / ( ) and equals target exactly (ast, no eval)."""
+  try:
+    answer = _answer(completion)
+    problem = {"kind": "countdown", "numbers": list(numbers), "target": target}
+    return float(answer is not None and procedural.verify(problem, answer))
+  except Exception:  # MemoryError from a huge expression, anything else odd
+    return 0.0
+
+
+_NUMBER = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?")  # bounded: no exponents, so no 1e999999999
+
+
+def _number(s: str) -> fractions.Fraction | None:
+  s = s.strip()
+  return fractions.Fraction(s.replace(",", "")) if _NUMBER.fullmatch(s) else None
+
+
+def exact_match(completion: str, gold: str) -> float:
+  """1.0 if the last <answer> equals `gold` as text or as a number ('1,000' == '1000.0'), else 0.0."""
+  try:
+    answer = _answer(completion)
+    if answer is None or not answer.strip():
+      return 0.0
+    if answer.strip() == str(gold).strip():
+      return 1.0
+    a, g = _number(answer), _number(str(gold))
+    return float(a is not None and a == g)
+  except Exception:
+    return 0.0
+
+
+def accuracy_reward(completion: str, problem: Mapping[str, Any]) -> float:
+  """The accuracy verifier of the problem's kind: arithmetic (exact match), countdown, math."""
+  kind = problem["kind"]
+  if kind == "countdown":
+    return countdown_reward(completion, problem["numbers"], problem["target"])
+  return (math_reward if kind == "math" else exact_match)(completion, problem["answer"])
+
+
+ACCURACY_KINDS = ("arithmetic", "countdown", "math")
+
+# ----------------------------------------------------------- shaping terms
+
+# Code-point ranges of each script's letters; a word counts for the target if all its letters lie in them.
+SCRIPTS = {
+  "latin": ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x24F), (0x1E00, 0x1EFF)),
+  "cjk": ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF)),
+  "cyrillic": ((0x400, 0x4FF),),
+  "greek": ((0x370, 0x3FF),),
+}
+# An ideograph/kana/hangul is a word by itself (no spaces between them); elsewhere a word is a run of letters.
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W\d_]+")
+
+
+def _in_script(word: str, ranges: tuple[tuple[int, int], ...]) -> bool:
+  return all(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in word if c.isalpha())
+
+
+def language_reward(completion: str, language: str = "latin", *, prefix: str = "") -> float:
+  """Share of the words inside <think> written in `language`'s script; 0.0 without a CoT or with no words."""
+  try:
+    text = prefix + completion
+    start, end = text.find("<think>"), text.find("</think>")
+    words = _WORD.findall(text[start + len("<think>") : end]) if 0 <= start < end else []
+    return sum(_in_script(w, SCRIPTS[language]) for w in words) / len(words) if words else 0.0
+  except Exception:
+    return 0.0
+
+
+def overlong_penalty(n_tokens: int, max_tokens: int, buffer_tokens: int) -> float:
+  """DAPO's soft overlong penalty: 0 up to max-buffer tokens, then linear down to -1 at max, -1 beyond."""
+  if n_tokens <= max_tokens - buffer_tokens:
+    return 0.0
+  return ((max_tokens - buffer_tokens) - n_tokens) / buffer_tokens if n_tokens <= max_tokens else -1.0
+
+
+def repetition_penalty(completion: str | Sequence[int], n: int = 3) -> float:
+  """Minus the fraction of repeated n-grams (of words, or of tokens if given ids), in [-1, 0]."""
+  try:
+    units = completion.split() if isinstance(completion, str) else list(completion)
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+    return len(set(grams)) / len(grams) - 1.0 if grams else 0.0
+  except Exception:
+    return 0.0
+
+
+# ------------------------------------------------------------- combination
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+  """Which components make the reward and their weights, plus each component's options."""
+
+  weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+  think_prefix: str = ""  # what the chat template pre-fills before the completion, e.g. "<think>"
+  language: str = "latin"  # target script of the CoT for "language"
+  ngram: int = 3  # n of the repetition penalty
+  max_tokens: int = 0  # DAPO's Lmax (needed for "overlong")
+  overlong_buffer: int = 0  # DAPO's Lc: the penalty ramps over the last Lc tokens before Lmax
+
+  def __post_init__(self):
+    if unknown := set(self.weights) - set(COMPONENTS):
+      raise ValueError(f"unknown reward components {sorted(unknown)}; expected some of {COMPONENTS}")
+    if self.language not in SCRIPTS:
+      raise ValueError(f"unknown language script {self.language!r}; expected one of {tuple(SCRIPTS)}")
+    if self.ngram < 1:
+      raise ValueError(f"ngram must be >= 1, got {self.ngram}")
+    if "overlong" in self.weights and not 0 < self.overlong_buffer <= self.max_tokens:
+      raise ValueError(
+        f"overlong needs 0 < overlong_buffer <= max_tokens, got {self.overlong_buffer}, {self.max_tokens}"
+      )
+
+
+def combine(components: Mapping[str, Any], weights: Mapping[str, float]) -> Any:
+  """Weighted sum of the components named in `weights` (floats, or arrays of a batch)."""
+  if missing := set(weights) - set(components):
+    raise ValueError(f"no value for reward components {sorted(missing)}")
+  return sum((w * components[k] for k, w in weights.items()), 0.0)
+
+
+def _component(name: str, completion: Any, problem: Mapping[str, Any], spec: RewardSpec) -> float:
+  """One component of one completion (runs in a worker)."""
+  if not isinstance(completion, str):
+    return 0.0
+  if name == "format":
+    return format_reward(completion, prefix=spec.think_prefix)
+  if name == "accuracy":
+    return accuracy_reward(completion, problem)
+  if name == "language":
+    return language_reward(completion, spec.language, prefix=spec.think_prefix)
+  return repetition_penalty(completion, spec.ngram)
+
+
+# -------------------------------------------------------------------- pool
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+  """Worker loop: answer each (fn, args) with float(fn(*args)), 0.0 on any failure; None stops it."""
+  conn.send("ready")
+  while True:
+    try:
+      call = conn.recv()
+    except EOFError:  # the parent is gone
+      return
+    if call is None:
+      return
+    try:
+      value = float(call[0](*call[1]))
+      value = value if np.isfinite(value) else 0.0
+    except Exception:
+      value = 0.0
+    conn.send(value)
+
+
+class VerifierPool:
+  """Worker processes running verifier calls with a per-call timeout; a call past it scores 0 and its worker is
+  killed and replaced, so one hung answer never blocks the rest of the batch. Not thread-safe."""
+
+  def __init__(self, workers: int = min(4, os.cpu_count() or 1)):
+    if workers < 1:
+      raise ValueError(f"VerifierPool needs at least one worker, got {workers}")
+    # forkserver, not fork: the parent runs jax threads. Preloading this module makes each (re)start a cheap fork.
+    self._ctx = multiprocessing.get_context("forkserver")
+    self._ctx.set_forkserver_preload([__name__])
+    self._workers = [self._start() for _ in range(workers)]
+    self.timeouts = 0  # calls killed so far
+
+  def _start(self) -> tuple[Any, multiprocessing.connection.Connection]:
+    conn, child = self._ctx.Pipe()
+    proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
+    proc.start()
+    child.close()
+    if not conn.poll(300) or conn.recv() != "ready":  # imports may be slow; only the first start pays them
+      raise RuntimeError("a verifier worker did not start")
+    return proc, conn
+
+  def _replace(self, w: int) -> None:
+    proc, conn = self._workers[w]
+    proc.kill()
+    proc.join()
+    conn.close()
+    self._workers[w] = self._start()
+
+  def run(self, calls: Sequence[tuple[Callable[..., float], tuple]], timeout_s: float) -> list[float]:
+    """float(fn(*args)) for each (fn, args); 0.0 for a call that raised, crashed or ran past timeout_s."""
+    results, todo = [0.0] * len(calls), list(reversed(range(len(calls))))
+    busy: dict[int, tuple[int, float]] = {}  # worker -> (call, deadline)
+    while todo or busy:
+      for w in range(len(self._workers)):
+        while w not in busy and todo:  # an unpicklable call is skipped (0.0) and the worker takes the next
+          j = todo.pop()
+          try:
+            self._workers[w][1].send(calls[j])
+            busy[w] = (j, time.monotonic() + timeout_s)
+          except (BrokenPipeError, ConnectionError):
+            self._replace(w)
+          except Exception:
+            pass
+      conns = {self._workers[w][1]: w for w in busy}
+      wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic()) if busy else 0.0
+      for conn in multiprocessing.connection.wait(list(conns), timeout=wait_s):
+        j, _ = busy.pop(conns[conn])
+        try:
+          results[j] = conn.recv()
+        except (EOFError, OSError):  # the worker died (e.g. killed for memory)
+          self._replace(conns[conn])
+      for w, (_, deadline) in list(busy.items()):
+        if deadline <= time.monotonic():
+          del busy[w]
+          self.timeouts += 1
+          self._replace(w)
+    return results
+
+  def close(self) -> None:
+    for proc, conn in self._workers:
+      try:
+        conn.send(None)
+      except OSError:
+        pass
+      proc.join(1.0)
+      proc.kill()
+      conn.close()
+    self._workers = []
+
+  def __enter__(self) -> VerifierPool:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+_DEFAULT_POOL: VerifierPool | None = None
+
+
+def default_pool() -> VerifierPool:
+  """A process-wide pool, started on first use and closed at exit."""
+  global _DEFAULT_POOL
+  if _DEFAULT_POOL is None:
+    _DEFAULT_POOL = VerifierPool()
+    atexit.register(_DEFAULT_POOL.close)
+  return _DEFAULT_POOL
+
+
+def score_batch(
+  completions: Sequence[str],
+  problems: Sequence[Mapping[str, Any]],
+  spec: RewardSpec,
+  *,
+  lengths: Sequence[int] | None = None,
+  pool: VerifierPool | None = None,
+  timeout_s: float = 5.0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Total reward [N] float32 and each weighted component [N] float32; `lengths` are completion tokens."""
+  n = len(completions)
+  if len(problems) != n:
+    raise ValueError(f"{len(problems)} problems for {n} completions")
+  if "overlong" in spec.weights and (lengths is None or len(lengths) != n):
+    raise ValueError(f"overlong needs lengths (completion tokens) for all {n} completions")
+  if "accuracy" in spec.weights and (kinds := {p.get("kind") for p in problems} - set(ACCURACY_KINDS)):
+    raise ValueError(f"no accuracy verifier for problem kinds {sorted(map(str, kinds))}; expected {ACCURACY_KINDS}")
+  names = [k for k in spec.weights if k != "overlong"]
+  calls = [(_component, (k, c, p, spec)) for k in names for c, p in zip(completions, problems)]
+  values = (pool or default_pool()).run(calls, timeout_s)
+  parts = {k: np.asarray(values[i * n : (i + 1) * n], np.float32) for i, k in enumerate(names)}
+  if "overlong" in spec.weights:
+    penalty = [overlong_penalty(int(t), spec.max_tokens, spec.overlong_buffer) for t in lengths]
+    parts["overlong"] = np.asarray(penalty, np.float32)
+  return (np.zeros(n) + combine(parts, spec.weights)).astype(np.float32), parts
