@@ -11,13 +11,16 @@ from __future__ import annotations
 import ast
 import collections
 import fractions
+import hashlib
 import itertools
 import operator
 import random
 from collections.abc import Iterator
 from typing import Any
 
-KINDS = ("arithmetic", "countdown", "mixed")
+KINDS = ("arithmetic", "countdown", "mixed", "addsub", "chain", "r1zero")
+PROBLEM_KINDS = ("arithmetic", "countdown", "addsub", "chain")  # kinds with a gold answer (RL and eval tasks)
+TEST_SHARE = 10  # one problem text in TEST_SHARE is held out of every corpus and RL split (see split_of)
 
 
 def _digits(n: int) -> list[int]:
@@ -126,6 +129,34 @@ def _arithmetic(rng: random.Random) -> dict[str, Any]:
   )
 
 
+def _addsub(rng: random.Random) -> dict[str, Any]:
+  """Two- and three-digit addition or subtraction, worked column by column (the quickstart's task)."""
+  a, b = rng.randint(10, 999), rng.randint(10, 999)
+  op = rng.choice("+-")
+  if op == "-":
+    a, b = max(a, b), min(a, b)
+  steps = (_add_steps if op == "+" else _sub_steps)(a, b)
+  value = a + b if op == "+" else a - b
+  return dict(
+    kind="addsub", prompt=f"Q: {a}{op}{b}=? A:", steps=steps, answer=str(value), target=value, expression=f"{a}{op}{b}"
+  )
+
+
+def _chain(rng: random.Random) -> dict[str, Any]:
+  """A chain of 3-5 small terms added and subtracted left to right, worked as running sums."""
+  terms = [rng.randint(1, 20) for _ in range(rng.randint(3, 5))]
+  ops = [rng.choice("+-") for _ in terms[1:]]
+  total, steps = terms[0], []
+  for op, t in zip(ops, terms[1:]):
+    new = total + t if op == "+" else total - t
+    steps.append(f"{total}{op}{t}={new}")
+    total = new
+  expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(ops, terms[1:]))
+  return dict(
+    kind="chain", prompt=f"Q: {expression}=? A:", steps=steps, answer=str(total), target=total, expression=expression
+  )
+
+
 # ----------------------------------------------------------------- countdown
 
 
@@ -156,20 +187,54 @@ def _countdown(rng: random.Random) -> dict[str, Any]:
 # -------------------------------------------------------------------- public
 
 
+_MAKERS = {"arithmetic": _arithmetic, "countdown": _countdown, "addsub": _addsub, "chain": _chain}
+
+
 def problem_at(seed: int, index: int, kind: str = "mixed") -> dict[str, Any]:
   """Problem `index` of the stream `seed`: prompt, solution, answer, target (ground truth), text."""
-  if kind not in KINDS:
-    raise ValueError(f"unknown procedural kind {kind!r}; expected one of {KINDS}")
+  if kind not in KINDS or kind == "r1zero":
+    raise ValueError(f"unknown procedural kind {kind!r}; expected one of {[k for k in KINDS if k != 'r1zero']}")
   rng = random.Random(f"rl_jax.procedural/{seed}/{index}")  # str seeds hash stably (sha512)
   if kind == "mixed":
     kind = rng.choice(("arithmetic", "countdown"))
-  p = _arithmetic(rng) if kind == "arithmetic" else _countdown(rng)
-  p["solution"] = f"<think>{'; '.join(p.pop('steps'))}</think><answer>{p['answer']}</answer>"
+  p = _MAKERS[kind](rng)
+  p["steps"] = list(p["steps"])
+  p["solution"] = f"<think>{'; '.join(p['steps'])}</think><answer>{p['answer']}</answer>"
   p["text"] = f"{p['prompt']} {p['solution']}"
   return p
 
 
+def split_of(text: str) -> str:
+  """'test' for one problem text in TEST_SHARE (by a stable hash of the text), else 'train'."""
+  h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+  return "test" if h % TEST_SHARE == 0 else "train"
+
+
+# R1-Zero base corpus: the quickstart's task in several surface forms; the <think>/<answer> tags appear in a
+# minority of documents only, so RL has to discover that format (and that thinking pays) from the reward.
+R1ZERO_FRAME = "User: {q} Think in <think> </think>, answer in <answer> </answer>. Assistant:"
+R1ZERO_FORMS = (("tagged", 0.15), ("worked", 0.45), ("direct", 0.40))
+
+
+def r1zero_document(seed: int, index: int, task: str = "addsub") -> str:
+  """Document `index`: a training-split `task` problem, framed as Q/A or as the R1-Zero conversation, solved in
+  one of R1ZERO_FORMS (tags + worked steps; worked steps then "so the answer is"; the answer alone)."""
+  for attempt in itertools.count():
+    p = problem_at(seed, index * 1009 + attempt, task)
+    if split_of(p["prompt"].removeprefix("Q: ").removesuffix(" A:")) == "train":
+      break
+  rng = random.Random(f"rl_jax.r1zero/{seed}/{index}")
+  q = p["prompt"].removeprefix("Q: ").removesuffix(" A:")
+  frame = p["prompt"] if rng.random() < 0.5 else R1ZERO_FRAME.format(q=q)
+  form = rng.choices([f for f, _ in R1ZERO_FORMS], [w for _, w in R1ZERO_FORMS])[0]
+  steps = "; ".join(p["steps"])
+  body = {"tagged": p["solution"], "worked": f"{steps}, so the answer is {p['answer']}.", "direct": p["answer"]}[form]
+  return f"{frame} {body}"
+
+
 def document_at(seed: int, index: int, kind: str = "mixed") -> str:
+  if kind == "r1zero":
+    return r1zero_document(seed, index)
   return problem_at(seed, index, kind)["text"]
 
 

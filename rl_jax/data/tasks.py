@@ -8,7 +8,6 @@ held-out problem can never appear in training whatever the seeds (text-level dis
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 from rl_jax.data import procedural
 
 SPLITS = ("train", "test")
-TEST_SHARE = 10  # one problem in TEST_SHARE (by text hash) is held out
+split_of = procedural.split_of  # one problem text in procedural.TEST_SHARE is held out of corpora and RL
 
 # DeepSeek-R1's R1-Zero template (the paper's Table 1), and a short one for tiny models whose context is small.
 TEMPLATES = {
@@ -39,12 +38,6 @@ def render(problem: dict[str, Any], template: str = "plain") -> str:
   if "{prompt}" not in fmt:
     raise ValueError(f"unknown template {template!r} (names: {', '.join(TEMPLATES)}; or a string with {{prompt}})")
   return fmt.format(prompt=problem["prompt"])
-
-
-def split_of(text: str) -> str:
-  """'test' for one problem text in TEST_SHARE, else 'train' (stable across runs and machines)."""
-  h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-  return "test" if h % TEST_SHARE == 0 else "train"
 
 
 def _bare(p: dict[str, Any]) -> dict[str, Any]:
