@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..sharding.rules import constrain
 from .config import ModelConfig
-from .layers import DTYPES, RMSNorm, param
+from .layers import ACT_BTH, DTYPES, RMSNorm, param
 from .rope import Rope, softmax_scale
 
 NEG_INF = -1e30
@@ -73,6 +74,7 @@ class MLA(nnx.Module):
       q_BTHK = jnp.einsum("btq,qhk->bthk", self.q_norm(x_BTD @ self.q_a[...].astype(dt)), self.q_b[...].astype(dt))
     else:
       q_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
+    q_BTHK = constrain(q_BTHK, ACT_BTH)
     q_nope, q_pe = q_BTHK[..., : cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim :]
     ckv = x_BTD @ self.kv_a[...].astype(dt)
     c_BTC, k_pe_BTR = self.kv_norm(ckv[..., : cfg.kv_lora_rank]), ckv[..., cfg.kv_lora_rank :]
@@ -104,6 +106,7 @@ class MLA(nnx.Module):
       s = jnp.einsum("bthc,bsc->bhts", q_lat, c_S) + jnp.einsum("bthr,bsr->bhts", q_pe, kpe_S)
       p = _softmax(s * self.scale, mask).astype(dt)
       o_BTHV = jnp.einsum("bthc,chv->bthv", jnp.einsum("bhts,bsc->bthc", p, c_S), w_uv)
+    o_BTHV = constrain(o_BTHV, ACT_BTH)
     return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o[...].astype(dt)), new_cache
 
   def init_cache(self, batch: int, length: int, dtype):
@@ -141,6 +144,8 @@ class GQA(nnx.Module):
       q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
     cos, sin = self.rope.cos_sin(positions_BT)
     q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
+    q = constrain(q, ACT_BTH)
+    k, v = (constrain(a, ("act_batch", "act_seq", "act_kv_heads", None)) for a in (k, v))
     new_cache = None
     if cache is not None:
       start = positions_BT[:, 0]
@@ -151,7 +156,7 @@ class GQA(nnx.Module):
     q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k)
     p = _softmax(s * self.scale, mask_BTS[:, None, None]).astype(dt)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd)
+    o = constrain(jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd), ACT_BTH)
     return jnp.einsum("bthk,hkd->btd", o, self.o[...].astype(dt)), new_cache
 
   def init_cache(self, batch: int, length: int, dtype):

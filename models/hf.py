@@ -167,7 +167,8 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] 
 
 def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dtype=None) -> Transformer:
   """Reads a local HF directory into a `Transformer` whose params are `dtype` (router kept fp32), placed
-  by the logical rules on `mesh` (default: the mesh set with `jax.set_mesh`, else one device)."""
+  by the logical rules (`rules` overrides, default: the ambient ones of `use_rules`) on `mesh` (default: the
+  mesh set with `jax.set_mesh`, else one device)."""
   if mesh is None:
     from ..sharding.mesh import active_mesh
 

@@ -6,9 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..sharding.rules import constrain
 from .config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Logical axes of activations (sharding.rules maps them to mesh axes; constraints are no-ops without a mesh).
+ACT_BTD = ("act_batch", "act_seq", "act_embed")  # the residual stream [B, T, D]
+ACT_BTH = ("act_batch", "act_seq", "act_heads", None)  # per-head queries / outputs [B, T, H, head_dim]
 
 
 class RouterBias(nnx.Variable):
@@ -54,5 +58,6 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD):
     dt = self.dtype
-    h = jax.nn.silu(x_BTD @ self.gate[...].astype(dt)) * (x_BTD @ self.up[...].astype(dt))
-    return h @ self.down[...].astype(dt)
+    h_BTI = jax.nn.silu(x_BTD @ self.gate[...].astype(dt)) * (x_BTD @ self.up[...].astype(dt))
+    h_BTI = constrain(h_BTI, ("act_batch", "act_seq", "act_mlp"))
+    return h_BTI @ self.down[...].astype(dt)

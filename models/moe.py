@@ -1,33 +1,53 @@
 """DeepSeekMoE: sigmoid router with aux-loss-free bias and group-limited top-k; routed + shared experts.
 
-Dispatch sorts the T*K (token, expert) assignments by expert so each expert multiplies only its own
-tokens. Two dispatchers, both product features:
-  * dropless (`moe_capacity_factor: null`, default; what V3 trained with): `jax.lax.ragged_dot` over the
-    sorted rows, a grouped GEMM costing 3 * T*K * D * I multiply-adds on GPU/TPU. On CPU, XLA lowers
-    ragged_dot to a masked dense product (E times that cost), so CPU training presets use capacity.
-  * capacity (`moe_capacity_factor: cf`): each expert takes at most C = ceil(cf * T*K / E) rows into an
-    [E, C, D] buffer (overflow rows are dropped, i.e. contribute zero), then one batched matmul:
-    3 * E*C * D * I = 3 * cf * T*K * D * I multiply-adds on every backend.
-Both add O(T*K log(T*K)) for the sort and O(T*K*D) for the gather and the weighted scatter-add.
-On CPU the dropless default uses `dispatch_buckets` (capacity dispatch sized at run time so nothing
-drops) instead of ragged_dot's dense fallback.
-When T*K <= E (decoding a handful of rows), both would touch every expert for a few rows, so the layer
-gathers each assignment's expert weights instead (exact, 3 * T*K * D * I reads and multiply-adds).
-Under `jax.set_mesh` with an "expert" mesh axis > 1, sharding.expert_parallel replaces both: experts stay
-on their shard and tokens travel by all-to-all.
+Every dispatch path runs the same SwiGLU (`swiglu`, grouped by a different matmul) and the capacity ones
+share one bucketing routine (`to_buckets` / `from_buckets`: rank each (token, k) assignment within its
+bucket in token order, keep the first C, weighted scatter-add back). Costs per layer, T tokens, K experts
+a token, hidden D, expert width I:
+  * dropless (`moe_capacity_factor: null`, default; what V3 trained with): the T*K assignments sorted by
+    expert, then `jax.lax.ragged_dot`, a grouped GEMM of 3 * T*K * D * I multiply-adds on GPU/TPU. On
+    CPU, XLA lowers ragged_dot to a masked dense product (E times that), so there `dispatch_buckets` runs
+    instead: the capacity dispatch with C the smallest power of two holding the busiest expert
+    (picked at run time, nothing drops).
+  * capacity (`moe_capacity_factor: cf`): buckets = experts, C = ceil(cf * T*K / E) rows each (overflow
+    rows contribute zero), then one batched matmul: 3 * E*C * D * I = 3 * cf * T*K * D * I on every backend.
+  * gather: when T*K <= E (decoding a handful of rows) each assignment gathers its expert's weights
+    (exact; 3 * T*K * D * I reads and multiply-adds, where the others would touch every expert).
+  Each adds O(T*K log(T*K)) for the sort and O(T*K*D) for the gathers and the scatter-add.
+  * expert parallel: under `jax.set_mesh` where the "expert" rule puts the routed experts on a mesh axis
+    of size n > 1, one `jax.shard_map` replaces all of the above (`dispatch_expert_parallel`). Per device:
+    route its own tokens; buckets = destination shards, C = ceil(cf * T_local*K / n) rows per (source,
+    destination) pair (T_local*K when dropless, nothing drops); all-to-all; the E/n local experts by
+    ragged_dot; all-to-all back; scatter-add. Routed weights never leave their shard (where "embed" is
+    sharded over "fsdp" XLA gathers the LOCAL experts' slice, the usual ZeRO-3 gather, and their
+    gradients are reduced over the other token axes). All-to-all: 2 * n*C * D activations (+ n*C int32
+    ids) each way, forward and backward; the dropless buffer is n times what cf = 1 needs. With
+    "moe_mlp" over "tensor", each device runs its I/tp slice and one psum over "tensor" sums [T_local, D].
+    Tokens split like the activations' (act_batch, act_seq) dims, flattened; axes that do not divide T
+    hold copies (exact, redundant). With a capacity factor, drops are per pair instead of per expert, so
+    results match the single-device capacity dispatch only when nothing overflows.
+All mesh axes come from the ambient rules (`sharding.rules.use_rules`), as for the parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from ..sharding.rules import logical_to_spec, mesh_axes
 from .config import ModelConfig
 from .layers import DTYPES, MLP, RouterBias, param
+
+# Logical axes of the routed expert weights: the parameters and the expert-parallel shard_map read them here.
+GATE_AXES = ("expert", "embed", "moe_mlp")  # gate and up [E, D, I]
+DOWN_AXES = ("expert", "moe_mlp", "embed")  # down [E, I, D]
+TOKEN_AXES = ("act_batch", "act_seq")  # the flattened tokens [B*T] of an activation [B, T, D]
 
 
 class Routing(NamedTuple):
@@ -55,22 +75,67 @@ def route(logits_TE, bias_E, *, k: int, n_group: int, topk_group: int, norm_topk
   return Routing(weights * scaling, experts.astype(jnp.int32), scores)
 
 
-def _sort_by_expert(experts_TK, E):
-  flat = experts_TK.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  return flat, order, jnp.bincount(flat, length=E).astype(jnp.int32)
+# ------------------------------------------------------------------ shared pieces of every dispatch
+def swiglu(x, gate, up, down, matmul: Callable = jnp.matmul):
+  """The expert FFN down(silu(x @ gate) * (x @ up)), rows grouped with their experts by `matmul`."""
+  return matmul(jax.nn.silu(matmul(x, gate)) * matmul(x, up), down)
 
 
+def _ragged_swiglu(xs_RD, sizes_E, gate_EDI, up_EDI, down_EID):
+  """SwiGLU of rows sorted by expert, `sizes_E` rows each (rows past their sum: undefined)."""
+  return swiglu(xs_RD, gate_EDI, up_EDI, down_EID, lambda a, w: jax.lax.ragged_dot(a, w, sizes_E))
+
+
+def _sort(keys_R, n: int):
+  """(stable order sorting `keys_R`, sorted keys, count of each key in [0, n))."""
+  order = jnp.argsort(keys_R, stable=True)
+  return order, keys_R[order], jnp.bincount(keys_R, length=n).astype(jnp.int32)
+
+
+def _combine(ys_RD, order_R, weights_TK, T: int):
+  """sum_k w_tk * y_(t,k): weighted scatter-add of the outputs of the assignments t*K + k = order_R."""
+  K = weights_TK.shape[1]
+  w = weights_TK.reshape(-1)[order_R].astype(ys_RD.dtype)
+  return jnp.zeros((T, ys_RD.shape[-1]), ys_RD.dtype).at[order_R // K].add(ys_RD * w[:, None])
+
+
+class Buckets(NamedTuple):
+  order_R: jax.Array  # assignment index t*K + k of each row, sorted by bucket (token order inside)
+  dest_R: jax.Array  # its row in the [n * C] buffer; n * C where it overflowed (dropped)
+
+
+def to_buckets(x_TD, bucket_TK, n: int, C: int):
+  """THE capacity dispatch: each (token, k) assignment joins bucket `bucket_TK` (of n) at its rank in
+  token order; the first C of a bucket keep their row of the buffer [n, C, D], the rest drop."""
+  T, K = bucket_TK.shape
+  order, b_sorted, sizes = _sort(bucket_TK.reshape(-1), n)
+  slot = jnp.arange(T * K) - (jnp.cumsum(sizes) - sizes)[b_sorted]  # rank within its bucket
+  dest = jnp.where(slot < C, b_sorted * C + slot, n * C)
+  buf = jnp.zeros((n * C, x_TD.shape[1]), x_TD.dtype).at[dest].set(x_TD[order // K], mode="drop")
+  return buf.reshape(n, C, -1), Buckets(order, dest)
+
+
+def from_buckets(y_NCD, b: Buckets, weights_TK, T: int):
+  """The weighted scatter-add of the bucket rows onto their tokens; dropped assignments add zero."""
+  ys = y_NCD.reshape(-1, y_NCD.shape[-1]).at[b.dest_R].get(mode="fill", fill_value=0)
+  return _combine(ys, b.order_R, weights_TK, T)
+
+
+# ------------------------------------------------------------------ single-device dispatch paths
 def dispatch_dropless(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   T, K = r.experts_TK.shape
+  order, _, sizes = _sort(r.experts_TK.reshape(-1), gate_EDI.shape[0])
+  ys = _ragged_swiglu(x_TD[order // K], sizes, gate_EDI, up_EDI, down_EID)
+  return _combine(ys, order, r.weights_TK, T)
+
+
+def dispatch_capacity(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, capacity_factor: float, *, C=None):
+  T, K = r.experts_TK.shape
   E = gate_EDI.shape[0]
-  _, order, sizes = _sort_by_expert(r.experts_TK, E)
-  token = order // K
-  xs = x_TD[token]  # [TK, D] sorted by expert
-  h = jax.nn.silu(jax.lax.ragged_dot(xs, gate_EDI, sizes)) * jax.lax.ragged_dot(xs, up_EDI, sizes)
-  ys = jax.lax.ragged_dot(h, down_EID, sizes)  # [TK, D]
-  w = r.weights_TK.reshape(-1)[order].astype(ys.dtype)
-  return jnp.zeros_like(x_TD).at[token].add(ys * w[:, None])
+  C = C or max(1, math.ceil(capacity_factor * T * K / E))
+  buf_ECD, b = to_buckets(x_TD, r.experts_TK, E, C)
+  y = swiglu(buf_ECD, gate_EDI, up_EDI, down_EID, lambda a, w: jnp.einsum("eca,eab->ecb", a, w))
+  return from_buckets(y, b, r.weights_TK, T)
 
 
 def dispatch_buckets(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
@@ -95,39 +160,114 @@ def dispatch_gather(x_TD, r: Routing, gate_EDI, up_EDI, down_EID):
   """Gathers each assignment's expert weights: 3 * T*K * D * I multiply-adds AND weight reads, the least
   possible when T*K <= E (decoding a few rows), where the other dispatchers touch every expert."""
   e_TK = r.experts_TK
-  h = jax.nn.silu(jnp.einsum("td,tkdi->tki", x_TD, gate_EDI[e_TK])) * jnp.einsum("td,tkdi->tki", x_TD, up_EDI[e_TK])
-  y = jnp.einsum("tki,tkid->tkd", h, down_EID[e_TK])
+  x_TKD = jnp.broadcast_to(x_TD[:, None], e_TK.shape + x_TD.shape[1:])
+  mm = lambda a, w: jnp.einsum("tka,tkab->tkb", a, w)
+  y = swiglu(x_TKD, gate_EDI[e_TK], up_EDI[e_TK], down_EID[e_TK], mm)
   return jnp.einsum("tkd,tk->td", y, r.weights_TK.astype(y.dtype))
 
 
-def dispatch_capacity(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, capacity_factor: float, *, C=None):
-  T, K = r.experts_TK.shape
-  E, D, _ = gate_EDI.shape
-  C = C or max(1, math.ceil(capacity_factor * T * K / E))
-  flat, order, sizes = _sort_by_expert(r.experts_TK, E)
-  e_sorted = flat[order]
-  starts = jnp.cumsum(sizes) - sizes
-  slot = jnp.arange(T * K) - starts[e_sorted]  # rank within its expert
-  keep = slot < C
-  token = order // K
-  dest = jnp.where(keep, e_sorted * C + slot, E * C)  # E*C: dropped (out of range)
-  buf = jnp.zeros((E * C, D), x_TD.dtype).at[dest].set(x_TD[token], mode="drop").reshape(E, C, D)
-  h = jax.nn.silu(jnp.einsum("ecd,edi->eci", buf, gate_EDI)) * jnp.einsum("ecd,edi->eci", buf, up_EDI)
-  y = jnp.einsum("eci,eid->ecd", h, down_EID).reshape(E * C, D)
-  ys = y.at[dest].get(mode="fill", fill_value=0)  # [TK, D], zeros if dropped
-  w = jnp.where(keep, r.weights_TK.reshape(-1)[order], 0).astype(ys.dtype)
-  return jnp.zeros_like(x_TD).at[token].add(ys * w[:, None])
+# ------------------------------------------------------------------ expert parallelism
+def expert_axis() -> str | None:
+  """The mesh axis the "expert" rule puts routed experts on, when the active mesh splits it (size > 1,
+  not already manual), else None (no mesh, or experts replicated: a single-device path runs)."""
+  axes = mesh_axes("expert")
+  if len(axes) > 1:
+    raise ValueError(f"expert parallelism: the rule 'expert' must map to one mesh axis, got {axes}")
+  return axes[0] if axes else None
 
 
+def ep_specs(mesh, axis: str, T: int, gate_shape) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(token axes, moe_mlp axes) for the expert-parallel shard_map under the ambient rules; a ValueError
+  for layouts it cannot run."""
+  E, n = gate_shape[0], mesh.shape[axis]
+  if E % n:
+    raise ValueError(f"expert parallelism: {E} routed experts do not divide over mesh axis '{axis}'={n}")
+  mlp = logical_to_spec(GATE_AXES, None, mesh, gate_shape)[2]  # as the weights are stored
+  mlp_axes = () if mlp is None else (mlp,) if isinstance(mlp, str) else tuple(mlp)
+  tok_axes = mesh_axes(TOKEN_AXES, mesh=mesh, size=T)
+  if set(mlp_axes) & set(tok_axes):
+    raise ValueError(
+      f"expert parallelism: 'moe_mlp' -> {mlp_axes} shares mesh axes with the tokens {tok_axes} "
+      f"(rules {TOKEN_AXES}); shard moe_mlp over axes that do not split tokens (e.g. 'tensor')"
+    )
+  return tok_axes, mlp_axes
+
+
+def ep_capacity(T_local: int, K: int, n: int, capacity_factor: float | None) -> int:
+  """Rows per (source, destination shard) pair: every assignment fits when dropless (cf None)."""
+  if capacity_factor is None:
+    return T_local * K
+  return max(1, min(T_local * K, math.ceil(capacity_factor * T_local * K / n)))
+
+
+def _local_experts(rows_RD, ids_R, gate_EDI, up_EDI, down_EID):
+  """SwiGLU of each received row by its local expert (id == E_local: an empty slot, output 0)."""
+  order, _, sizes = _sort(ids_R, gate_EDI.shape[0])  # empty slots sort last, uncounted
+  ys = _ragged_swiglu(rows_RD[order], sizes, gate_EDI, up_EDI, down_EID)
+  ys = jnp.zeros_like(ys).at[order].set(ys)  # back to arrival order
+  return jnp.where((ids_R < gate_EDI.shape[0])[:, None], ys, 0)
+
+
+def _ep_body(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, *, axis: str, C: int, mlp_axes):
+  """One device: its tokens to the shards holding their experts, the local experts, and back."""
+  T = x_TD.shape[0]
+  E_l = gate_EDI.shape[0]
+  n = jax.lax.axis_size(axis)
+  a2a = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)
+  send_NCD, b = to_buckets(x_TD, r.experts_TK // E_l, n, C)
+  local_ids = (r.experts_TK.reshape(-1) % E_l)[b.order_R]
+  send_id = jnp.full((n * C,), E_l, jnp.int32).at[b.dest_R].set(local_ids, mode="drop")
+  recv_id = a2a(send_id.reshape(n, C)).reshape(-1)
+  y = _local_experts(a2a(send_NCD).reshape(n * C, -1), recv_id, gate_EDI, up_EDI, down_EID)
+  out = from_buckets(a2a(y.reshape(n, C, -1)), b, r.weights_TK, T)
+  return jax.lax.psum(out, mlp_axes) if mlp_axes else out  # partial sums over moe_mlp slices
+
+
+def dispatch_expert_parallel(
+  x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int, capacity_factor
+):
+  """y [T, D] and Routing ([T, K], [T, K], [T, E]) with the experts split over `expert_axis()`: one
+  shard_map over the active mesh in which `route_fn(logits, bias, replay) -> Routing` runs on each
+  device's own tokens (router scores are never gathered), then `_ep_body`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axis = expert_axis()
+  T = x_TD.shape[0]
+  tok_axes, mlp_axes = ep_specs(mesh, axis, T, gate_EDI.shape)
+  T_local = T // math.prod(mesh.shape[a] for a in tok_axes)
+  C = ep_capacity(T_local, k, mesh.shape[axis], capacity_factor)
+  tok, mlp = P(tok_axes or None, None), mlp_axes or None
+  has_replay = replay_TK is not None
+  replay = replay_TK if has_replay else jnp.zeros((T, k), jnp.int32)
+
+  def body(x, logits, bias, rep, g, u, d):
+    r = route_fn(logits, bias, rep if has_replay else None)
+    return _ep_body(x, r, g, u, d, axis=axis, C=C, mlp_axes=mlp_axes), tuple(r)
+
+  # check_vma=False: where tokens are copied over some axes the outputs are equal copies that the
+  # varying-axes checker cannot prove; shard_map's transpose then psums the cotangents of inputs over
+  # the axes they are replicated on (data-parallel gradient reduction).
+  w_in, w_out = P(axis, None, mlp), P(axis, mlp, None)
+  fn = jax.shard_map(
+    body,
+    mesh=mesh,
+    check_vma=False,
+    in_specs=(tok, tok, P(None), tok, w_in, w_in, w_out),
+    out_specs=(tok, (tok, tok, tok)),
+  )
+  y, r = fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
+  return y, Routing(*r)
+
+
+# ------------------------------------------------------------------ the layer
 class MoE(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     E, d, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     self.cfg = cfg
     self.router = param(rngs, (d, E), ("embed", None), cfg, dtype=jnp.float32)  # kept fp32, as HF
     self.bias = RouterBias(jnp.zeros((E,), jnp.float32), axes=(None,))
-    self.gate = param(rngs, (E, d, I), ("expert", "embed", "moe_mlp"), cfg)
-    self.up = param(rngs, (E, d, I), ("expert", "embed", "moe_mlp"), cfg)
-    self.down = param(rngs, (E, I, d), ("expert", "moe_mlp", "embed"), cfg)
+    self.gate = param(rngs, (E, d, I), GATE_AXES, cfg)
+    self.up = param(rngs, (E, d, I), GATE_AXES, cfg)
+    self.down = param(rngs, (E, I, d), DOWN_AXES, cfg)
     if cfg.n_shared_experts:
       self.shared = MLP(cfg, cfg.n_shared_experts * I, rngs)
     self.dtype = DTYPES[cfg.dtype]
@@ -151,6 +291,17 @@ class MoE(nnx.Module):
       w = w / (w.sum(-1, keepdims=True) + 1e-20)
     return Routing(w * cfg.routed_scaling_factor, replay_TK, r.scores_TE)
 
+  def _dispatch(self, x_TD, r: Routing, *weights):
+    """The single-device path for this many rows on this backend (see the module docstring)."""
+    cfg = self.cfg
+    if x_TD.shape[0] * cfg.num_experts_per_tok <= cfg.n_routed_experts:  # static: few rows (decode)
+      return dispatch_gather(x_TD, r, *weights)
+    if cfg.moe_capacity_factor is not None:
+      return dispatch_capacity(x_TD, r, *weights, cfg.moe_capacity_factor)
+    if jax.default_backend() == "cpu":
+      return dispatch_buckets(x_TD, r, *weights)
+    return dispatch_dropless(x_TD, r, *weights)
+
   def __call__(self, x_BTD, experts_BTK=None):
     """Returns (y, routing); `experts_BTK` replays a given routing (weights recomputed from the scores)."""
     cfg, dt = self.cfg, self.dtype
@@ -158,36 +309,16 @@ class MoE(nnx.Module):
     x_TD = x_BTD.reshape(B * T, D)
     logits = x_TD.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
     replay = None if experts_BTK is None else experts_BTK.reshape(B * T, -1).astype(jnp.int32)
-    g, u, dn = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
-    from ..sharding.expert_parallel import expert_mesh, moe_ffn_routed  # models may import sharding
-
-    mesh = expert_mesh()  # under jax.set_mesh with an "expert" axis > 1: tokens go all-to-all
-    if mesh is not None:  # routing runs inside the shard_map too, on each device's tokens
-      y, r = moe_ffn_routed(
-        x_TD,
-        logits,
-        self.bias[...],
-        replay,
-        self._route,
-        g,
-        u,
-        dn,
-        k=cfg.num_experts_per_tok,
-        mesh=mesh,
-        capacity_factor=cfg.moe_capacity_factor,
+    weights = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
+    if expert_axis() is not None:  # experts split over a mesh axis: tokens go all-to-all
+      k, cf = cfg.num_experts_per_tok, cfg.moe_capacity_factor
+      y, r = dispatch_expert_parallel(
+        x_TD, logits, self.bias[...], replay, self._route, *weights, k=k, capacity_factor=cf
       )
-      r = Routing(*r)
     else:
       r = self._route(logits, self.bias[...], replay)
-      if B * T * cfg.num_experts_per_tok <= cfg.n_routed_experts:  # static: few rows (decode)
-        y = dispatch_gather(x_TD, r, g, u, dn)
-      elif cfg.moe_capacity_factor is None and jax.default_backend() == "cpu":
-        y = dispatch_buckets(x_TD, r, g, u, dn)
-      elif cfg.moe_capacity_factor is None:
-        y = dispatch_dropless(x_TD, r, g, u, dn)
-      else:
-        y = dispatch_capacity(x_TD, r, g, u, dn, cfg.moe_capacity_factor)
+      y = self._dispatch(x_TD, r, *weights)
     y = y.reshape(B, T, D)
     if cfg.n_shared_experts:
       y = y + self.shared(x_BTD)
-    return y, Routing(r.weights_TK.reshape(B, T, -1), r.experts_TK.reshape(B, T, -1), r.scores_TE.reshape(B, T, -1))
+    return y, Routing(*(a.reshape(B, T, -1) for a in r))

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..sharding.rules import constrain
 from .attention import GQA, MLA, causal_mask
 from .config import ModelConfig
-from .layers import DTYPES, MLP, RMSNorm, param
+from .layers import ACT_BTD, DTYPES, MLP, RMSNorm, param
 from .moe import MoE, Routing
 
 
@@ -38,7 +39,7 @@ class DecoderLayer(nnx.Module):
       h, routing = self.mlp(self.mlp_norm(x_BTD), experts_BTK)
     else:
       h, routing = self.mlp(self.mlp_norm(x_BTD)), None
-    return x_BTD + h, cache, routing
+    return constrain(x_BTD + h, ACT_BTD), cache, routing
 
 
 class MTPModule(nnx.Module):
@@ -78,10 +79,11 @@ class Transformer(nnx.Module):
 
   def head(self, h_BTD):
     w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-    return (h_BTD @ w.astype(self.dtype)).astype(jnp.float32)
+    logits_BTV = (h_BTD @ w.astype(self.dtype)).astype(jnp.float32)
+    return constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
 
   def embed_tokens(self, tokens_BT):
-    return self.embed[...].astype(self.dtype)[tokens_BT]
+    return constrain(self.embed[...].astype(self.dtype)[tokens_BT], ACT_BTD)
 
   def forward(
     self,
@@ -118,7 +120,7 @@ class Transformer(nnx.Module):
       new_cache.append(c)
       if r is not None:
         routing.append(r)
-    h = self.norm(x)
+    h = constrain(self.norm(x), ACT_BTD)
     logits = self.head(h[:, -1:] if last_only else h)
     mtp_logits, mtp_routing = [], []
     if mtp:

@@ -7,12 +7,15 @@ then decodes at positions len_b, len_b + 1, ... (its pad slots are overwritten b
 
 Every row draws from its own key, `fold_in(fold_in(key(seed), global_row), step)`, so a row's sample
 depends only on (seed, its index in the result, its prompt), never on its batch neighbours. Log-probs
-are those of the model's unmodified distribution (temperature 1, no top-k/top-p): GRPO's old log-probs.
+are those of the model's unmodified distribution (temperature 1, no top-k/top-p), or with
+`logprob_temperature=T` of softmax(logits / T), the distribution a GRPO rollout at temperature T drew from
+(so the trainer's ratios compare like with like): GRPO's old log-probs.
 For MoE models the routed experts of every generated (and prompt) token are returned for replay.
 
 Under `jax.set_mesh(mesh)` (parameters placed by `sharding.create_sharded` / `shard_state`) the batch, the
 cache and the loop state are constrained to the batch mesh axes by the logical rules (heads of a GQA
-cache over "tensor"); with no mesh the constraints are no-ops. `stream=` adds an ordered host callback
+cache over "tensor"): the ambient ones of `sharding.rules.use_rules`, or `rules=` overrides, which the
+model's own constraints then follow too; with no mesh the constraints are no-ops. `stream=` adds an ordered host callback
 to the decode loop (a separate compiled variant: the plain sampler carries no callback).
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from rl_jax.sharding.rules import constrain, resolve_rules, shard_count
+from rl_jax.sharding.rules import constrain, current_rules, resolve_rules, shard_count, use_rules
 
 PAD_ID = 0
 MIN_BUCKET = 8
@@ -98,25 +101,25 @@ def _stack_experts(routing):
 # Logical axes of the cache leaves (models/attention.py layouts). The MLA latent is shared by all heads,
 # so only its batch dim is split; a GQA cache also splits its kv heads (over "tensor" by default).
 CACHE_AXES = {
-  "c": ("batch", "seq", None),
-  "k_pe": ("batch", "seq", None),
-  "k": ("batch", "seq", "kv_heads", None),
-  "v": ("batch", "seq", "kv_heads", None),
+  "c": ("act_batch", "act_seq", None),
+  "k_pe": ("act_batch", "act_seq", None),
+  "k": ("act_batch", "act_seq", "act_kv_heads", None),
+  "v": ("act_batch", "act_seq", "act_kv_heads", None),
 }
 
 
-def _constrain_cache(cache, rules):
-  return [{name: constrain(x, CACHE_AXES[name], rules) for name, x in layer.items()} for layer in cache]
+def _constrain_cache(cache):
+  return [{name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()} for layer in cache]
 
 
-def _constrain_state(s: _State, rules) -> _State:
-  c = lambda x, *axes: constrain(x, ("batch",) + axes, rules)
+def _constrain_state(s: _State) -> _State:
+  c = lambda x, *axes: constrain(x, ("act_batch",) + axes)
   return s._replace(
     tokens=c(s.tokens, None),
     logprobs=c(s.logprobs, None),
     lengths=c(s.lengths),
     done=c(s.done),
-    cache=_constrain_cache(s.cache, rules),
+    cache=_constrain_cache(s.cache),
     experts=None if s.experts is None else c(s.experts, None, None, None),
   )
 
@@ -148,7 +151,7 @@ def _generate_device(
   temperature: float,
   top_k: int,
   top_p: float,
-  rules=None,
+  logprob_temperature: float = 1.0,
 ):
   """prompts [B, P] right-padded; prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
   for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars; with
@@ -156,8 +159,8 @@ def _generate_device(
   model = nnx.merge(graphdef, state)
   B, P = prompts_BP.shape
   N = budget
-  prompts_BP = constrain(prompts_BP, ("batch", None), rules)
-  prompt_len_B, row_ids_B, real_B = (constrain(x, ("batch",), rules) for x in (prompt_len_B, row_ids_B, real_B))
+  prompts_BP = constrain(prompts_BP, ("act_batch", None))
+  prompt_len_B, row_ids_B, real_B = (constrain(x, ("act_batch",)) for x in (prompt_len_B, row_ids_B, real_B))
   keys_B = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(row_ids_B)  # loop constants
 
   def select(logits_BV, t, done_B):
@@ -165,15 +168,13 @@ def _generate_device(
     tok_B = sample_logits(logits_BV, step_keys, temperature, top_k, top_p)
     active_B = ~done_B & (t < max_new)
     tok_B = jnp.where(active_B, tok_B, PAD_ID)
-    lp_B = jnp.where(active_B, _token_logprob(logits_BV, tok_B), 0.0)
+    lp_B = jnp.where(active_B, _token_logprob(logits_BV / logprob_temperature, tok_B), 0.0)
     if sink_id is not None:  # replicated first: the host callback reads them whole
-      io_callback(
-        _emit, None, sink_id, t, constrain(tok_B, (None,), rules), constrain(active_B, (None,), rules), ordered=True
-      )
+      io_callback(_emit, None, sink_id, t, constrain(tok_B, (None,)), constrain(active_B, (None,)), ordered=True)
     return tok_B, lp_B, active_B
 
   # PREFILL: the whole padded batch at once; each row's next-token logits sit at index len-1.
-  cache = _constrain_cache(model.init_cache(B, P + N), rules)
+  cache = _constrain_cache(model.init_cache(B, P + N))
   positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   out = model.forward(prompts_BP, positions_BT=positions_BP, cache=cache, last_only=True)
   h_BD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
@@ -193,7 +194,7 @@ def _generate_device(
     done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new),
     cache=out.cache,
   )
-  s = _constrain_state(s, rules)
+  s = _constrain_state(s)
 
   # DECODE: MoE models take one extra step so the last sampled token's routing gets recorded too.
   def cond(s: _State):
@@ -225,8 +226,7 @@ def _generate_device(
         lengths=lengths_B,
         done=done_B,
         cache=out.cache,
-      ),
-      rules,
+      )
     )
 
   s = jax.lax.while_loop(cond, body, s)
@@ -249,25 +249,29 @@ def compiled(
   top_p: float,
   rules: Mapping | None = None,
   stream: bool = False,
+  logprob_temperature: float = 1.0,
 ):
   """The jitted sampler for one (model structure, bucket, sampling settings, rules, streaming or not):
-  built once, then reused. The streaming variant takes one more argument, the sink id."""
-  rules_key = None if rules is None else tuple(sorted(resolve_rules(rules).items()))
-  key = (graphdef, batch, prompt, budget, float(temperature), int(top_k), float(top_p), rules_key, bool(stream))
+  built once, then reused. The streaming variant takes one more argument, the sink id. `rules` None
+  means the ambient ones (`use_rules`); either way they are part of the key, as they are read at trace time."""
+  table = current_rules() if rules is None else resolve_rules(rules)
+  rules_key = tuple(sorted(table.items()))
+  settings = (float(temperature), int(top_k), float(top_p), float(logprob_temperature))
+  key = (graphdef, batch, prompt, budget, settings, rules_key, bool(stream))
   if key not in _COMPILED:
-    table = None if rules_key is None else dict(rules_key)
 
     def fn(state, *args):
-      return _generate_device(
-        graphdef,
-        state,
-        *args,
-        budget=budget,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        rules=table,
-      )
+      with use_rules(table):  # the model's constraints and MoE dispatch read them while tracing
+        return _generate_device(
+          graphdef,
+          state,
+          *args,
+          budget=budget,
+          temperature=float(temperature),
+          top_k=int(top_k),
+          top_p=float(top_p),
+          logprob_temperature=float(logprob_temperature),
+        )
 
     _COMPILED[key] = jax.jit(fn)
   return _COMPILED[key]
@@ -293,7 +297,7 @@ def device_inputs(
   lens = np.array([len(r) for r in rows], np.int32)
   # Batch buckets start at 1 (a single CLI request must not pay for 8 rows), or at the number of batch
   # shards under a mesh so every device gets rows; lengths start at 8.
-  B, P, N = bucket(n, shard_count("batch", rules)), bucket(lens.max()), bucket(max_new_tokens)
+  B, P, N = bucket(n, shard_count("act_batch", rules)), bucket(lens.max()), bucket(max_new_tokens)
 
   # PAD: right-pad prompts to P, rows to B (padding rows: a 1-token prompt, done from the start).
   tokens_BP = np.full((B, P), PAD_ID, np.int32)
@@ -328,13 +332,15 @@ def generate(
   num_samples: int = 1,
   rules: Mapping | None = None,
   stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
+  logprob_temperature: float = 1.0,
 ) -> SampleResult:
   """Samples `num_samples` completions per prompt (rows p*G .. p*G+G-1 belong to prompt p).
 
-  `rules` overrides the logical sharding rules (used under `jax.set_mesh`). `stream(tokens [n], active [n])`
+  `rules` overrides the ambient logical sharding rules (used under `jax.set_mesh`). `stream(tokens [n], active [n])`
   is called on the host after each sampling step, in order, with every row's new token; rows whose
-  `active` is False had already finished (their token is padding)."""
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+  `active` is False had already finished (their token is padding). `logprob_temperature`: the returned
+  log-probs are those of softmax(logits / it) (default 1: the model's own distribution)."""
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or logprob_temperature <= 0:
     raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
   (B, P, N), args = device_inputs(
     prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed, num_samples=num_samples, rules=rules
@@ -342,7 +348,7 @@ def generate(
   n, max_prompt = len(prompts) * num_samples, max(len(p) for p in prompts)
 
   graphdef, state = nnx.split(model)
-  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p, rules, stream=stream is not None)
+  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p, rules, stream is not None, logprob_temperature)
   sink_id = None
   if stream is not None:
     sink_id = next(_SINK_IDS)

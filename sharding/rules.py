@@ -1,8 +1,11 @@
 """Logical axis names -> mesh axes: the one rules table, and the helpers that shard and constrain by it.
 
-Parameters carry logical names in their `axes` metadata (models/); this module turns them into
-PartitionSpecs for a mesh with axes ("data", "fsdp", "expert", "tensor"). `rules` arguments take
-overrides (e.g. the run config's `mesh.rules`) merged over DEFAULT_RULES; None means the defaults.
+Parameters carry logical names in their `axes` metadata (models/); activations have their own names
+(`act_*`), used by `constrain` at layer boundaries. This module turns them into PartitionSpecs for a mesh
+with axes ("data", "fsdp", "expert", "tensor"). The rules in force are set once, like the mesh, with
+`use_rules(overrides)` (e.g. the run config's `mesh.rules`, merged over DEFAULT_RULES); every helper's
+`rules=None` means those ambient rules (DEFAULT_RULES outside any `use_rules`), and an explicit `rules`
+mapping means DEFAULT_RULES updated by it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,16 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "head_dim": None,
   "norm": None,
   # ACTIVATIONS: the batch is split over every axis that holds whole tokens. Outside MoE layers the
-  # expert axis is just more data parallelism; inside them XLA regroups tokens to their experts.
-  # An activation's "embed" dim then loses its mesh axes to the batch (each is used once per spec).
-  "batch": ("data", "fsdp", "expert"),
-  "seq": None,
+  # expert axis is just more data parallelism; inside them the expert-parallel dispatch sends tokens to
+  # their experts by all-to-all. The residual stream's model dim stays whole on each device (as in
+  # Megatron tensor parallelism); heads, MLP hidden units and logits follow their weights over "tensor".
+  "act_batch": ("data", "fsdp", "expert"),
+  "act_seq": None,
+  "act_embed": None,
+  "act_heads": "tensor",
+  "act_kv_heads": "tensor",
+  "act_mlp": "tensor",
+  "act_vocab": "tensor",
 }
 
 
@@ -48,7 +57,9 @@ _ACTIVE: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("rl_jax
 def use_rules(rules: Mapping | None):
   """Sets the rules overrides for everything inside, like `jax.set_mesh` sets the mesh: every spec built
   without an explicit `rules=` argument (parameters, activations, the MoE shard_map) reads them.
-  Read at trace time: a function jitted inside one `use_rules` keeps those rules in its compiled form."""
+  Read at trace time, and unlike the mesh not part of jit's cache key: jax reuses the trace of a function
+  it has already traced for the same argument types, whatever rules are set now, so jit a fresh function
+  (e.g. a closure built per run or per rules table) for each rules table."""
   token = _ACTIVE.set(resolve_rules(rules))
   try:
     yield
@@ -63,7 +74,13 @@ def current_rules() -> dict[str, tuple[str, ...]]:
 
 
 def resolve_rules(rules: Mapping | None = None) -> dict[str, tuple[str, ...]]:
-  """DEFAULT_RULES updated by `rules`, each value normalised to a tuple of mesh axis names (idempotent)."""
+  """DEFAULT_RULES updated by `rules`, each value normalised to a tuple of mesh axis names (idempotent).
+  A name DEFAULT_RULES lacks is an error: no code reads it, so the override would silently do nothing."""
+  for name in rules or {}:
+    if name not in DEFAULT_RULES:
+      close = difflib.get_close_matches(str(name), DEFAULT_RULES, n=1)
+      hint = f"did you mean '{close[0]}'?" if close else f"known: {sorted(DEFAULT_RULES)}"
+      raise ValueError(f"sharding rules: unknown logical axis '{name}' ({hint})")
   table = {**DEFAULT_RULES, **(rules or {})}
   out = {}
   for name, target in table.items():
@@ -74,6 +91,11 @@ def resolve_rules(rules: Mapping | None = None) -> dict[str, tuple[str, ...]]:
   return out
 
 
+def _table(rules: Mapping | None) -> dict[str, tuple[str, ...]]:
+  """The ambient rules for None, else DEFAULT_RULES updated by `rules`."""
+  return current_rules() if rules is None else resolve_rules(rules)
+
+
 def _mesh_sizes(mesh) -> dict[str, int]:
   """Axis sizes of a Mesh / AbstractMesh; axes already manual (inside shard_map) count as size 1."""
   if mesh is None:
@@ -82,33 +104,55 @@ def _mesh_sizes(mesh) -> dict[str, int]:
   return {a: (1 if a in manual else s) for a, s in mesh.shape.items()}
 
 
+def _lookup(name, table, sizes, has_mesh: bool) -> tuple[str, ...]:
+  if name not in table:
+    close = difflib.get_close_matches(str(name), table, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {sorted(table)}"
+    raise ValueError(f"no sharding rule for logical axis '{name}'{hint}")
+  for a in table[name]:
+    if has_mesh and a not in sizes:
+      raise ValueError(f"sharding rule '{name}' -> '{a}': the mesh has no axis '{a}' (axes: {list(sizes)})")
+  return table[name]
+
+
+def _dim_axes(names, table, mesh, used=(), size=None) -> list[str]:
+  """Mesh axes of one dim named by a logical name (or a tuple of them, merged in order): axes already
+  `used`, repeated or of size 1 are dropped, then trailing ones until the product divides `size`."""
+  sizes = _mesh_sizes(mesh)
+  axes = []
+  for name in (names,) if isinstance(names, str) else names:
+    for a in _lookup(name, table, sizes, mesh is not None):
+      if a not in used and a not in axes and (mesh is None or sizes[a] > 1):
+        axes.append(a)
+  if size is not None and mesh is not None:
+    while axes and size % math.prod(sizes[a] for a in axes):
+      axes.pop()
+  return axes
+
+
 def logical_to_spec(axes, rules: Mapping | None = None, mesh=None, shape=None) -> PartitionSpec:
-  """PartitionSpec for logical `axes` (None entries = replicated) under `rules` on `mesh`.
+  """PartitionSpec for logical `axes` (None entries = replicated; a tuple of names = one dim split over
+  all their mesh axes, e.g. flattened batch x seq) under `rules` on `mesh`.
 
   A mesh axis already used by an earlier dim is dropped, as are size-1 axes. With `shape`, a dim whose
   size is not divisible by its mesh axes keeps the longest prefix of them that divides (often none:
   replicated), so tiny models run on big meshes."""
-  table = resolve_rules(rules)
-  sizes = _mesh_sizes(mesh)
+  table = _table(rules)
   used, spec = set(), []
-  for i, name in enumerate(axes):
-    if name is None:
-      spec.append(None)
-      continue
-    if name not in table:
-      close = difflib.get_close_matches(str(name), table, n=1)
-      hint = f"; did you mean '{close[0]}'?" if close else f"; known: {sorted(table)}"
-      raise ValueError(f"no sharding rule for logical axis '{name}'{hint}")
-    for a in table[name]:
-      if mesh is not None and a not in sizes:
-        raise ValueError(f"sharding rule '{name}' -> '{a}': the mesh has no axis '{a}' (axes: {list(sizes)})")
-    mesh_axes = [a for a in table[name] if a not in used and (mesh is None or sizes[a] > 1)]
-    if shape is not None:
-      while mesh_axes and shape[i] % math.prod(sizes[a] for a in mesh_axes):
-        mesh_axes.pop()
-    used.update(mesh_axes)
-    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+  for i, names in enumerate(axes):
+    dim = [] if names is None else _dim_axes(names, table, mesh, used, None if shape is None else shape[i])
+    used.update(dim)
+    spec.append(None if not dim else dim[0] if len(dim) == 1 else tuple(dim))
   return PartitionSpec(*spec)
+
+
+def mesh_axes(names, rules: Mapping | None = None, mesh=None, size: int | None = None) -> tuple[str, ...]:
+  """The mesh axes of the active (or given) mesh that split a dim named `names` (a logical name or a tuple
+  of them, merged), of `size` if given; () with no mesh. Axes that are manual (inside shard_map) do not."""
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return ()
+  return tuple(_dim_axes(names, _table(rules), mesh, size=size))
 
 
 def _is_var(x) -> bool:
@@ -120,7 +164,7 @@ def param_shardings(abstract_state, mesh, rules: Mapping | None = None):
 
   The result has the state's tree structure with each Variable replaced by its NamedSharding (a valid
   prefix for jit out_shardings and jax.device_put). Variables without `axes` are replicated."""
-  table = resolve_rules(rules)
+  table = _table(rules)
 
   def one(path, leaf):
     value = leaf.get_value() if _is_var(leaf) else leaf
@@ -150,8 +194,9 @@ def shard_state(state, mesh, rules: Mapping | None = None):
 
 
 def constrain(x, logical_axes, rules: Mapping | None = None):
-  """with_sharding_constraint by logical names (e.g. ("batch", "seq", "embed")) under `jax.set_mesh(mesh)`;
-  a no-op when no mesh is set (single device, or callers that shard only through jit in/out shardings)."""
+  """with_sharding_constraint by logical names (e.g. ("act_batch", "act_seq", "act_embed")) under
+  `jax.set_mesh(mesh)`; a no-op when no mesh is set (single device, or callers that shard only through jit
+  in/out shardings)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
@@ -161,7 +206,5 @@ def constrain(x, logical_axes, rules: Mapping | None = None):
 def shard_count(logical_name: str, rules: Mapping | None = None, mesh=None) -> int:
   """How many ways the active (or given) mesh splits a logical axis: 1 with no mesh."""
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return 1
   sizes = _mesh_sizes(mesh)
-  return math.prod(sizes.get(a, 1) for a in resolve_rules(rules).get(logical_name, ()) or ())
+  return math.prod(sizes[a] for a in mesh_axes(logical_name, rules, mesh))

@@ -236,6 +236,20 @@ def test_rows_independent_and_buckets_reused():
   assert sampling.compiled(graphdef, 8, 8, 16, 1.0, 0, 1.0)._cache_size() == 1
 
 
+def test_tempered_logprobs_are_those_of_the_sampled_distribution():
+  """GRPO at temperature T: with logprob_temperature=T the returned log-probs are log softmax(logits / T)
+  (teacher-forced), which differ from the model's own distribution."""
+  model, T, temp = flat("mla_moe"), 12, 0.7
+  res = generate(model, PROMPTS, max_new_tokens=T, seed=4, temperature=temp, logprob_temperature=temp)
+  seqs = [p + completions(res, i) for i, p in enumerate(PROMPTS)]
+  lp, _ = ref_forward(model, seqs)
+  tempered = np.asarray(jax.nn.log_softmax(jnp.asarray(lp) / temp, -1))  # log_softmax is shift-invariant
+  for i, p in enumerate(PROMPTS):
+    n, pos = res.lengths[i], np.arange(len(p) - 1, len(p) - 1 + res.lengths[i])
+    np.testing.assert_allclose(res.logprobs[i, :n], tempered[i, pos, res.tokens[i, :n]], atol=1e-4, rtol=0)
+    assert np.abs(res.logprobs[i, :n] - lp[i, pos, res.tokens[i, :n]]).max() > 1e-2
+
+
 # ------------------------------------------------------------------ 6. groups and routing replay
 def test_groups_and_expert_replay():
   model, G, T = flat("mla_moe"), 3, 12

@@ -64,6 +64,14 @@ for name, cfg in (("mla_moe", MLA_CFG), ("gqa", GQA_CFG)):
     np.testing.assert_array_equal(got.prompt_experts, want.prompt_experts)
   assert len({tuple(r) for r in got.tokens}) == 3
   print(name, "sharded == single device")
+
+# AMBIENT RULES: a run's rules set with use_rules reach the sampler (batch over "data" only: 2 shards)
+with jax.set_mesh(mesh), sharding.use_rules({"act_batch": "data"}):
+  (B, Pb, N), args = sampling.device_inputs(PROMPTS, max_new_tokens=T)
+  out = sampling.compiled(graphdef, B, Pb, N, 0.0, 0, 1.0)(state, *args)
+assert B == 4 and out[0].sharding.spec[0] == "data", (B, out[0].sharding)
+np.testing.assert_array_equal(np.asarray(out[0])[:3, :T], want.tokens)
+print("ambient rules reach the sampler")
 """
 
 
@@ -77,3 +85,4 @@ def test_sharded_generate_matches_single_device():
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   assert proc.stdout.count("sharded == single device") == 2, proc.stdout
+  assert "ambient rules reach the sampler" in proc.stdout, proc.stdout

@@ -17,7 +17,18 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from rl_jax import sharding
-from rl_jax.sharding import AXES, constrain, logical_to_spec, make_mesh, mesh_shape, param_shardings
+from rl_jax.sharding import (
+  AXES,
+  constrain,
+  current_rules,
+  logical_to_spec,
+  make_mesh,
+  mesh_axes,
+  mesh_shape,
+  param_shardings,
+  shard_count,
+  use_rules,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,17 +111,21 @@ def test_logical_to_spec_rules():
 
 def test_logical_to_spec_duplicates_and_divisibility():
   # An activation's batch takes (data, fsdp); its embed dim would reuse fsdp: dropped (first use wins).
-  assert logical_to_spec(("batch", "seq", "embed"), None, MESH_DFT, (8, 16, 64)) == P(("data", "fsdp"), None, None)
+  assert logical_to_spec(("act_batch", "act_seq", "embed"), None, MESH_DFT, (8, 16, 64)) == P(
+    ("data", "fsdp"), None, None
+  )
   assert logical_to_spec(("embed", "mlp"), {"mlp": "fsdp"}, MESH_DFT, (64, 128)) == P("fsdp", None)
   # With expert parallelism, dense weights shard "embed" over "expert" too; expert weights cannot reuse it.
   mesh_ep = AbstractMesh((2, 1, 4, 1), AXES)
   assert logical_to_spec(("expert", "embed", "moe_mlp"), None, mesh_ep, (8, 64, 32)) == P("expert", None, None)
   assert logical_to_spec(("embed", "mlp"), None, mesh_ep, (64, 128)) == P("expert", None)
-  assert logical_to_spec(("batch", "seq", "embed"), None, mesh_ep, (8, 16, 64)) == P(("data", "expert"), None, None)
+  assert logical_to_spec(("act_batch", "act_seq", "act_embed"), None, mesh_ep, (8, 16, 64)) == P(
+    ("data", "expert"), None, None
+  )
   # Not divisible: replicated (dims of tiny models), or the longest dividing prefix of the mesh axes.
   assert logical_to_spec(("vocab", "embed"), None, MESH_DFT, (255, 64)) == P(None, "fsdp")
   assert logical_to_spec(("embed", "mlp"), None, MESH_DFT, (63, 1)) == P(None, None)
-  assert logical_to_spec(("batch", "seq"), None, MESH_DFT, (2, 16)) == P("data", None)
+  assert logical_to_spec(("act_batch", "act_seq"), None, MESH_DFT, (2, 16)) == P("data", None)
   # A replicated dim frees its axis for later dims.
   assert logical_to_spec(("embed", "mlp"), {"mlp": "fsdp"}, MESH_DFT, (3, 128)) == P(None, "fsdp")
 
@@ -135,10 +150,47 @@ def test_param_shardings_reads_axes_metadata():
     param_shardings(nnx.state(nnx.eval_shape(Bad)), mesh)
 
 
+def test_ambient_rules_reach_every_helper():
+  """Inside `use_rules`, every helper called without `rules=` uses them; an explicit `rules=` is DEFAULT_RULES
+  updated by it (not the ambient ones); outside, the defaults come back."""
+
+  class M(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((64, 128)), axes=("embed", "mlp"))
+
+  abstract = nnx.state(nnx.eval_shape(M))
+  x = jnp.ones((8, 16, 64))
+  spec_of_constraint = lambda: next(
+    e.params["sharding"].spec
+    for e in jax.make_jaxpr(lambda h: constrain(h, ("act_batch", "act_seq", "act_embed")))(x).eqns
+    if e.primitive.name == "sharding_constraint"
+  )
+  with jax.sharding.use_abstract_mesh(MESH_DFT):
+    assert spec_of_constraint() == P(("data", "fsdp"), None, None)
+    with use_rules({"mlp": "fsdp", "embed": None, "act_batch": "data", "act_seq": "fsdp", "act_embed": "tensor"}):
+      assert current_rules()["mlp"] == ("fsdp",)
+      assert logical_to_spec(("embed", "mlp"), mesh=MESH_DFT, shape=(64, 128)) == P(None, "fsdp")
+      assert logical_to_spec(("embed", "mlp"), {"mlp": "tensor"}, MESH_DFT, (64, 128)) == P("fsdp", "tensor")
+      assert param_shardings(abstract, MESH_DFT)["w"].spec == P(None, "fsdp")
+      assert shard_count("act_batch") == 2 and mesh_axes(("act_batch", "act_seq")) == ("data", "fsdp")
+      assert spec_of_constraint() == P("data", "fsdp", "tensor")
+    assert shard_count("act_batch") == 4 and param_shardings(abstract, MESH_DFT)["w"].spec == P("fsdp", "tensor")
+  assert shard_count("act_batch") == 1 and mesh_axes("act_batch") == ()  # no mesh
+  # several names for one dim (flattened batch x seq): their axes in order, the longest dividing prefix
+  merged = logical_to_spec((("act_batch", "act_seq"), None), {"act_seq": "tensor"}, MESH_DFT, (16, 4))
+  assert merged == P(("data", "fsdp", "tensor"), None)
+  assert mesh_axes(("act_batch", "act_seq"), {"act_seq": "tensor"}, MESH_DFT, size=6) == ("data",)
+  with pytest.raises(ValueError, match="did you mean 'act_batch'"):
+    shard_count("batch", mesh=MESH_DFT)  # activation names are act_*: a stale name fails loudly
+  with pytest.raises(ValueError, match="unknown logical axis 'batch' .did you mean 'act_batch'"):
+    with use_rules({"batch": ["data", "fsdp"]}):  # ... in a run's mesh.rules too
+      pass
+
+
 def test_constrain_is_noop_without_mesh():
   x = jnp.ones((4, 8))
-  assert constrain(x, ("batch", "embed")) is x
-  assert jax.jit(lambda x: constrain(x, ("batch", "embed")))(x).shape == (4, 8)
+  assert constrain(x, ("act_batch", "act_embed")) is x
+  assert jax.jit(lambda x: constrain(x, ("act_batch", "act_embed")))(x).shape == (4, 8)
 
 
 # 8 DEVICES: run in a fresh process so the device-count flag holds whatever imported jax first.
@@ -183,7 +235,7 @@ for sizes, gate_spec, gate_shard in [(dict(data=2, fsdp=2, tensor=2), P(None, "f
   x = jax.device_put(tokens, NamedSharding(mesh, P(("data", "fsdp"))))
   with jax.set_mesh(mesh):
     logits = forward(gd)(state, x)
-    act = jax.jit(lambda h: constrain(h * 2, ("batch", "seq", "embed")))(jnp.ones((8, 16, 64)))
+    act = jax.jit(lambda h: constrain(h * 2, ("act_batch", "act_seq", "act_embed")))(jnp.ones((8, 16, 64)))
   err = float(np.abs(np.asarray(logits) - ref_logits).max())
   assert err < 1e-5, (sizes, err)
   batch_axes = tuple(a for a in ("data", "fsdp", "expert") if mesh.shape[a] > 1)
