@@ -31,52 +31,17 @@ def matmul_peak(dtype=None, n: int | None = None, repeats: int = 5) -> float:
   return best
 
 
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  """6 x (active matmul params, excluding the embedding lookup) + causal attention (fwd + bwd)."""
-  counts = cfg.param_counts()
-  n = counts["active"] - cfg.vocab_size * cfg.hidden_size
-  if cfg.num_nextn_predict_layers:
-    per_layer = counts["mtp"] / cfg.num_nextn_predict_layers
-    if cfg.n_routed_experts:  # an MTP block activates K routed + shared experts only
-      per_layer -= (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    n += cfg.num_nextn_predict_layers * (per_layer + cfg.hidden_size * cfg.vocab_size)
-  H = cfg.num_attention_heads
-  dqk, dv = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.is_mla else (cfg.gqa_head_dim, cfg.gqa_head_dim)
-  layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-  return 6.0 * n + 3.0 * layers * H * (dqk + dv) * seq_len
-
-
 def bench_train(run, steps: int = 5) -> dict:
-  from rl_jax.config import model_config
+  """Times the training step the loop runs, on a fixed random batch; one JSON-able dict."""
   from rl_jax.sharding import mesh as smesh
-  from rl_jax.train import loop
-  from rl_jax.train import state as S
-  from rl_jax.train import step as ST
+  from rl_jax.sharding import rules as srules
+  from rl_jax.train.step import runs_mtp
 
   mesh = smesh.mesh_from_config(run.mesh)
-  mcfg = S.train_model_config(model_config(run), run.train)
-  t = run.train
-  with jax.set_mesh(mesh):
-    graphdef, state, shardings, tx = S.init_state(mcfg, run, mesh, run.mesh.rules)
-    bsh = loop.batch_sharding(mesh, run.mesh.rules)
-    fn = jax.jit(
-      ST.make_train_step(graphdef, mcfg, t, tx),
-      in_shardings=(shardings, {k: bsh for k in ST.BATCH_KEYS}),
-      donate_argnums=0,
-    )
-  rs = np.random.RandomState(0)
-  toks = rs.randint(0, mcfg.vocab_size, (t.batch_size, t.seq_len + 1)).astype(np.int32)
-  host = dict(
-    tokens=toks[:, :-1],
-    targets=toks[:, 1:],
-    segment_ids=np.ones((t.batch_size, t.seq_len), np.int32),
-    positions=np.tile(np.arange(t.seq_len, dtype=np.int32), (t.batch_size, 1)),
-    loss_mask=np.ones((t.batch_size, t.seq_len), np.int32),
-  )
-  batch = loop.global_batch(host, bsh, t.grad_accum)
-  peak_before = matmul_peak()
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), srules.use_rules(run.mesh.rules):
+    mcfg, fn, state, batch = _train_setup(run, mesh)
+    peak_before = matmul_peak()
+    t0 = time.perf_counter()
     state, m = fn(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
@@ -86,9 +51,10 @@ def bench_train(run, steps: int = 5) -> dict:
       state, m = fn(state, batch)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
+  t = run.train
   step_s = float(np.median(times))
   tokens = t.batch_size * t.seq_len
-  fpt = train_flops_per_token(mcfg, t.seq_len)
+  fpt = mcfg.flops_per_token(t.seq_len, mtp=runs_mtp(mcfg, t))
   peak = max(peak_before, matmul_peak())  # measured on the spot, before and after; the better one
   achieved = fpt * tokens / step_s
   return {
@@ -108,6 +74,28 @@ def bench_train(run, steps: int = 5) -> dict:
     "mfu": round(achieved / peak, 4),
     "loss": float(m["loss"]),
   }
+
+
+def _train_setup(run, mesh):
+  """(model config, jitted step, state, placed random batch) as the training loop builds them."""
+  from rl_jax.config import model_config
+  from rl_jax.train import state as S
+  from rl_jax.train import step as ST
+
+  t = run.train
+  mcfg = S.train_model_config(model_config(run), t)
+  tx = S.optimizer(run.optimizer, t.steps)
+  graphdef, state, shardings = S.init_state(mcfg, tx, mesh, seed=t.seed)
+  fn = ST.build_step(graphdef, mcfg, t, tx, mesh, shardings)
+  toks = np.random.RandomState(0).randint(0, mcfg.vocab_size, (t.batch_size, t.seq_len + 1)).astype(np.int32)
+  host = dict(
+    tokens=toks[:, :-1],
+    targets=toks[:, 1:],
+    segment_ids=np.ones((t.batch_size, t.seq_len), np.int32),
+    positions=np.tile(np.arange(t.seq_len, dtype=np.int32), (t.batch_size, 1)),
+    loss_mask=np.ones((t.batch_size, t.seq_len), np.int32),
+  )
+  return mcfg, fn, state, ST.place_batch(host, mesh, t.grad_accum)
 
 
 def bench_sample(

@@ -6,13 +6,13 @@
       <step>/params         the parameters (Orbax, restorable onto any mesh)
       <step>/meta           JSON: step, model config, run config, anything a stage adds
 
-Training stages add items (optimizer state, RNG, data-iterator state) next to `params` in the same
-step directory; `load_model` restores `params` alone, so an eval needs only the model part.
+Training stages add an item (optimizer state and step) next to `params` in the same step directory, and
+the data-iterator state beside the checkpoints; `load_model` restores `params` alone, so an eval needs
+only the model part.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
@@ -22,7 +22,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rl_jax import models
-from rl_jax.models.config import ModelConfig, RopeConfig
+from rl_jax.models.config import ModelConfig
+from rl_jax.models.config import from_dict as model_from_dict
+from rl_jax.models.configlib import ConfigError, to_dict
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -30,23 +32,23 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 def manager(
-  directory: str, *, keep: int | None = None, async_save: bool = False, extra_items=()
+  directory: str, *, keep: int | None = None, async_save: bool = False, train: bool = False
 ) -> ocp.CheckpointManager:
+  """Orbax manager for `params` + `meta`; with `train`, also the `train` item `save_train` writes."""
   handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-  for name, handler in extra_items:
-    handlers[name] = handler
+  if train:
+    handlers["train"] = ocp.StandardCheckpointHandler()
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
 
 
 def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
-  return dataclasses.asdict(cfg)
+  return to_dict(cfg)
 
 
 def config_from_json(d: dict[str, Any]) -> ModelConfig:
-  d = dict(d)
-  d["rope"] = RopeConfig(**d["rope"])
-  return ModelConfig(**d).validate()
+  """Strict, like every model config: an unknown key or a bad value is a one-line ConfigError."""
+  return model_from_dict(d)
 
 
 def save_model(
@@ -84,8 +86,14 @@ def read_model_config(directory: str) -> ModelConfig:
   path = os.path.join(directory, "model_config.json")
   if not os.path.exists(path):
     raise CheckpointNotFound(f"{directory}: not an rl-jax checkpoint (no model_config.json)")
-  with open(path) as f:
-    return config_from_json(json.load(f))
+  try:
+    with open(path) as f:
+      data = json.load(f)
+    return config_from_json(data)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def latest_step(directory: str) -> int:
@@ -147,6 +155,22 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> str:
   return f"{os.path.join(str(mngr.directory), str(step))}: checkpoint is unreadable ({why}); {way_out}"
 
 
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+  """The `meta` JSON of a checkpoint step (default: the newest): stage, run config, model config."""
+  mngr = manager(directory)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointNotFound(f"{directory}: no saved step (interrupted before the first save?)")
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  except CheckpointNotFound:
+    raise
+  except Exception as e:  # orbax raises many types; name the culprit in one line
+    raise ValueError(_unreadable(mngr, step, e)) from None
+  finally:
+    mngr.close()
+
+
 def tokenizer_dir(directory: str) -> str | None:
   d = os.path.join(directory, "tokenizer")
   return d if os.path.exists(os.path.join(d, "tokenizer.json")) else None
@@ -156,7 +180,7 @@ def tokenizer_dir(directory: str) -> str | None:
 def save_train(
   mngr: ocp.CheckpointManager, step: int, state, *, meta: dict[str, Any], data_state=None, run_dir: str | None = None
 ) -> None:
-  """Saves params (+ router bias) as `params` (what load_model reads), optimizer/step/RNG as `train`,
+  """Saves params (+ router bias) as `params` (what load_model reads), optimizer state and step as `train`,
   configs as `meta`, and this process's data-iterator state as JSON beside the checkpoints."""
   if data_state is not None and run_dir is not None:
     d = os.path.join(run_dir, "data_state")
@@ -166,7 +190,9 @@ def save_train(
       json.dump(data_state, f)
     os.replace(tmp, os.path.join(d, f"step_{step}_proc_{jax.process_index()}.json"))
   full = nnx.merge_state(state.params, state.bias).to_pure_dict()
-  train = {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
+  train = {"step": state.step, "opt_state": state.opt_state}
+  if getattr(state, "ref", None) is not None:  # a stage's frozen reference model (GRPO)
+    train["ref"] = state.ref.to_pure_dict()
   mngr.save(
     step,
     args=ocp.args.Composite(
@@ -191,8 +217,11 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
 
   full_abs = nnx.merge_state(abstract_state.params, abstract_state.bias)
   full_sh = nnx.merge_state(shardings.params, shardings.bias)
-  train_abs = {"step": abstract_state.step, "rng": abstract_state.rng, "opt_state": abstract_state.opt_state}
-  train_sh = {"step": shardings.step, "rng": shardings.rng, "opt_state": shardings.opt_state}
+  train_abs = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
+  train_sh = {"step": shardings.step, "opt_state": shardings.opt_state}
+  ref_abs = getattr(abstract_state, "ref", None)
+  if ref_abs is not None:
+    train_abs["ref"], train_sh["ref"] = ref_abs.to_pure_dict(), shardings.ref.to_pure_dict()
   try:
     r = mngr.restore(
       step,
@@ -208,9 +237,11 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
   from rl_jax.models.layers import RouterBias
 
   bias = nnx.filter_state(full_abs, RouterBias)
-  state = type(abstract_state)(
-    step=r["train"]["step"], params=params, bias=bias, opt_state=r["train"]["opt_state"], rng=r["train"]["rng"]
-  )
+  state = type(abstract_state)(step=r["train"]["step"], params=params, bias=bias, opt_state=r["train"]["opt_state"])
+  if ref_abs is not None:
+    ref = jax.tree.map(lambda x: x, ref_abs)
+    nnx.replace_by_pure_dict(ref, r["train"]["ref"])
+    state = state._replace(ref=ref)
   data_state = None
   if run_dir is not None:
     p = os.path.join(run_dir, "data_state", f"step_{step}_proc_{jax.process_index()}.json")

@@ -21,7 +21,7 @@ TINY = ["model.num_hidden_layers=2", "train.batch_size=4", "train.log_every=1"]
 PRE = [
   *TINY,
   f"train.seq_len={L}",
-  "optimizer.schedule=constant",
+  "optimizer.schedule=cosine",
   "optimizer.warmup_steps=3",
   "optimizer.lr=1e-2",
   "checkpoint.every=5",
@@ -72,10 +72,54 @@ def tokenizer():
   return {"rc": 0}
 
 
-# STOP AND RESUME: N steps, then rerun to 2N (resumes); and 2N straight
+# STOP AND RESUME: the same 2N-step command (cosine schedule with warmup) dies mid-run and is rerun (resumes);
+# and the same command straight through
+class Preempted(Exception):
+  pass
+
+
+class _Dying:
+  """A data iterator whose process 'dies' when asked for batch `k` (steps 1..k-1 have been dispatched)."""
+
+  def __init__(self, it, k):
+    self.it, self.left = it, k - 1
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.left == 0:
+      raise Preempted
+    self.left -= 1
+    return next(self.it)
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
+@contextlib.contextmanager
+def preempted_at_batch(k):
+  from rl_jax.data import pipeline
+
+  make = pipeline.make_iterator
+  pipeline.make_iterator = lambda *a, **kw: _Dying(make(*a, **kw), k)
+  try:
+    yield
+  finally:
+    pipeline.make_iterator = make
+
+
 @scenario
 def run_a1():
-  r = cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A"), *PRE, f"train.steps={N}")
+  # Dies asking for batch N+2: checkpoints at 5 .. N are written, steps 1..N logged, step N+1 is lost.
+  with preempted_at_batch(N + 2):
+    try:
+      r = cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A"), *PRE, f"train.steps={2 * N}")
+    except Preempted:
+      r = {"rc": 0, "preempted": True}
   for copy in ("A_nan", "A_bad"):  # the interrupted run, for the failure scenarios below
     shutil.copytree(d("A"), d(copy))
   return r

@@ -1,4 +1,5 @@
-"""The pretraining loop end to end on the tiny MoE (CPU): exact resume, learning, bad input, YaRN extension.
+"""The pretraining loop end to end on the tiny MoE (CPU): exact resume (cosine schedule, a run that dies
+mid-way), learning, bad input, YaRN extension.
 
 The runs happen once, through the CLI, in a child process (tests/_train_worker.py: one device, fast CPU
 compiles); the tests below check what they left on disk and reported.
@@ -57,11 +58,15 @@ def test_resume_equals_uninterrupted(runs):
   out, res = runs
   for name in ("run_a1", "run_a2", "run_b"):
     _ok(res, name)
+  assert res["run_a1"]["preempted"]
   a, b = _metrics(f"{out}/A"), _metrics(f"{out}/B")
-  # A logged steps 1..N, stopped, resumed and logged N+1..2N: the same numbers as B, bit for bit.
+  # A ran B's command (2N steps, cosine schedule with warmup), died after logging step N, resumed from its
+  # step-N checkpoint and logged N+1..2N: the same numbers as B, bit for bit.
   assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 2 * N + 1))
   for key in ("loss", "ce", "mtp", "balance", "grad_norm", "param_norm", "load_imbalance", "lr"):
     assert [m[key] for m in a] == [m[key] for m in b], key
+  lr = [m["lr"] for m in b]
+  assert lr[0] == 0 and max(lr) == pytest.approx(1e-2) and lr[N] > lr[-1] > 0, lr  # warmup, then decay
   pa, pb = (
     _leaves(checkpoint.load_model(f"{out}/A/checkpoints")),
     _leaves(checkpoint.load_model(f"{out}/B/checkpoints")),

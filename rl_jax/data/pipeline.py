@@ -276,3 +276,34 @@ def restore_state(it: grain.DatasetIterator, path: str | os.PathLike) -> grain.D
     raise FileNotFoundError(f"no data iterator state at {path}")
   it.set_state(json.loads(path.read_text()))
   return it
+
+
+# ------------------------------------------------------------------ run tokenizer
+
+
+def prepare_tokenizer(
+  run_dir: str,
+  vocab_size: int,
+  *,
+  given: str | None = None,
+  source: str | Sequence[str] = "procedural",
+  seed: int = 0,
+  text_field: str = "text",
+  write: bool = True,
+) -> tuple[tokenizers.Tokenizer, str]:
+  """A run's tokenizer and the directory holding it (<run_dir>/tokenizer): the run's own copy when
+  resuming, else `given` (a directory with tokenizer.json), else a byte-level BPE of `vocab_size`
+  trained now on the first 4000 documents of `source`. `write`: save the copy (process 0 only)."""
+  saved = os.path.join(run_dir, "tokenizer")
+  if os.path.exists(os.path.join(saved, "tokenizer.json")):
+    return tokenizer_lib.load(saved), saved
+  if given:
+    tok = tokenizer_lib.load(given)
+  else:
+    docs = document_dataset(source, seed=seed, text_field=text_field)
+    tok = tokenizer_lib.train_bpe((docs[i] for i in range(min(len(docs), 4000))), vocab_size=vocab_size)
+  if tok.get_vocab_size() > vocab_size:
+    raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {vocab_size}")
+  if write:
+    tokenizer_lib.save(tok, saved)
+  return tok, saved

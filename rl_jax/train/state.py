@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from rl_jax import models
-from rl_jax.config import OptimizerConfig, RunConfig, TrainConfig
+from rl_jax.config import OptimizerConfig, TrainConfig
 from rl_jax.models.config import ModelConfig
 from rl_jax.models.layers import RouterBias
 from rl_jax.sharding import rules as srules
@@ -21,7 +21,7 @@ class TrainState(NamedTuple):
   params: Any  # nnx.State of nnx.Param (trainable)
   bias: Any  # nnx.State of RouterBias (aux-loss-free balancing state; not trained by gradients)
   opt_state: Any  # optax state
-  rng: jax.Array  # uint32 key data
+  ref: Any = None  # nnx.State of nnx.Param: a frozen reference policy (GRPO's KL), else None
 
 
 def schedule(opt: OptimizerConfig, steps: int):
@@ -61,14 +61,14 @@ def split_model(model: nnx.Module):
   return graphdef, params, bias
 
 
-def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
-  """NamedShardings for every leaf: params/bias by their logical axes, optimizer moments like their param."""
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+  """NamedShardings for every leaf under the ambient rules: params/bias by their logical axes, optimizer
+  moments like their param."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  p_sh = srules.param_shardings(abstract_state.params, mesh, rules)
-  b_sh = srules.param_shardings(abstract_state.bias, mesh, rules)
-  return TrainState(
-    step=replicated, params=p_sh, bias=b_sh, opt_state=_opt_shardings(abstract_state, p_sh, replicated), rng=replicated
-  )
+  p_sh = srules.param_shardings(abstract_state.params, mesh)
+  b_sh = srules.param_shardings(abstract_state.bias, mesh)
+  opt_sh = _opt_shardings(abstract_state, p_sh, replicated)
+  return TrainState(replicated, p_sh, b_sh, opt_sh, None if abstract_state.ref is None else p_sh)
 
 
 def _opt_shardings(abstract_state, p_sh, replicated):
@@ -86,34 +86,35 @@ def _opt_shardings(abstract_state, p_sh, replicated):
   return jax.tree_util.tree_map_with_path(pick, abstract_state.opt_state)
 
 
-def init_state(model_cfg: ModelConfig, run: RunConfig, mesh, rules=None, init_params=None):
-  """(graphdef, state, shardings, tx): parameters born sharded; `init_params` (an nnx.State) replaces the
-  random init (e.g. from `--init CHECKPOINT`)."""
-  tx = optimizer(run.optimizer, run.train.steps)
-  seed = run.train.seed
-
+def _builder(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, ref: bool = False):
   def build():
-    model = models.Transformer(model_cfg, nnx.Rngs(params=seed))
-    graphdef, params, bias = split_model(model)
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      bias=bias,
-      opt_state=tx.init(params),
-      rng=jax.random.key_data(jax.random.key(seed)),
-    )
+    _, params, bias = split_model(models.Transformer(model_cfg, nnx.Rngs(params=seed)))
+    ref_params = jax.tree.map(jnp.copy, params) if ref else None
+    return TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params), ref_params)
 
-  graphdef = nnx.split(
-    nnx.eval_shape(lambda: models.Transformer(model_cfg, nnx.Rngs(params=seed))), nnx.Param, RouterBias, ...
-  )[0]
-  abstract = jax.eval_shape(build)
-  shardings = state_shardings(abstract, mesh, rules)
-  state = jax.jit(build, out_shardings=shardings)()
-  if init_params is not None:
-    params, bias = init_params
-    params = jax.device_put(params, shardings.params)
-    bias = jax.device_put(bias, shardings.bias)
-    state = state._replace(
-      params=params, bias=bias, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-    )
-  return graphdef, state, shardings, tx
+  return build
+
+
+def state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int = 0, *, ref: bool = False):
+  """(graphdef, abstract state, shardings) without allocating: what a restore targets. `ref`: the state
+  also holds a reference copy of the parameters (GRPO)."""
+  graphdef = split_model(nnx.eval_shape(lambda: models.Transformer(model_cfg, nnx.Rngs(params=seed))))[0]
+  abstract = jax.eval_shape(_builder(model_cfg, tx, seed, ref))
+  return graphdef, abstract, state_shardings(abstract, mesh)
+
+
+def init_state(
+  model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh, *, seed: int = 0, init_params=None, ref=False
+):
+  """(graphdef, state, shardings), parameters born sharded on `mesh` under the ambient rules;
+  `init_params` (params, bias) replaces the random init (e.g. from `--init CHECKPOINT`); with `ref` the
+  state's reference model starts as a copy of the initial parameters."""
+  graphdef, _, shardings = state_spec(model_cfg, tx, mesh, seed, ref=ref)
+  if init_params is None:
+    return graphdef, jax.jit(_builder(model_cfg, tx, seed, ref), out_shardings=shardings)(), shardings
+  params = jax.device_put(init_params[0], shardings.params)
+  bias = jax.device_put(init_params[1], shardings.bias)
+  step = jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings.step)()
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  ref_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ref)(params) if ref else None
+  return graphdef, TrainState(step, params, bias, opt_state, ref_params), shardings

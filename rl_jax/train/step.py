@@ -1,7 +1,8 @@
-"""The pretraining step: one pure function (state, batch) -> (state, metrics), jitted once.
+"""The pretraining step: one pure function (state, batch) -> (state, metrics), jitted once by `build_step`
+(the loop and the benchmark both use it), and `place_batch`, which puts host rows on the mesh for it.
 
 loss = CE(next token) + lambda * MTP + alpha * sum_layers L_bal + z * z-loss; gradient accumulation over
-micro-batches runs inside the jit (lax.scan); after the update each MoE layer's router bias moves by
+micro-batches runs inside the jit (lax.scan); after the update each router that ran moves its bias by
 gamma * sign(mean load - load), the load summed over the whole global batch.
 """
 
@@ -11,28 +12,37 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rl_jax import losses
 from rl_jax.config import TrainConfig
 from rl_jax.models.config import ModelConfig
+from rl_jax.sharding import rules as srules
 from rl_jax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_AXIS = "act_batch"  # the logical name that splits activation rows over the mesh (sharding/rules.py)
 
 
-def bias_paths(cfg: ModelConfig) -> list[tuple]:
-  """Router-bias paths in routing order: main MoE layers, then the MTP blocks."""
+def runs_mtp(cfg: ModelConfig, train: TrainConfig) -> bool:
+  """The MTP modules run (and their routers route) only when their loss has weight."""
+  return cfg.num_nextn_predict_layers > 0 and train.mtp_lambda > 0
+
+
+def bias_paths(cfg: ModelConfig, *, mtp: bool) -> list[tuple]:
+  """Paths of the router biases whose routing runs, in routing order: main MoE layers, then (with `mtp`)
+  the MTP blocks."""
   main = [("layers", i, "mlp", "bias") for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
-  mtp = (
-    [("mtp", k, "block", "mlp", "bias") for k in range(cfg.num_nextn_predict_layers)] if cfg.n_routed_experts else []
-  )
-  return main + mtp
+  n_mtp = cfg.num_nextn_predict_layers if mtp and cfg.n_routed_experts else 0
+  return main + [("mtp", k, "block", "mlp", "bias") for k in range(n_mtp)]
 
 
 def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
-  use_mtp = cfg.num_nextn_predict_layers > 0 and train.mtp_lambda > 0
+  use_mtp = runs_mtp(cfg, train)
 
   def loss_fn(params, bias, batch):
     model = nnx.merge(graphdef, params, bias)
@@ -72,7 +82,7 @@ def make_train_step(
 ) -> Callable:
   loss_fn = make_loss_fn(graphdef, cfg, train)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  paths = bias_paths(cfg)
+  paths = bias_paths(cfg, mtp=runs_mtp(cfg, train))
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
     # MICRO-BATCHES: batch leaves are [A, B/A, T]; sum gradients, average at the end.
@@ -95,13 +105,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
 
     # AUX-LOSS-FREE BALANCING: the bias follows the global load, outside the gradient.
-    bias = state.bias
-    if paths and train.bias_gamma > 0:
-      flat = dict(nnx.to_flat_state(bias))
-      for i, p in enumerate(paths):
-        var = flat[p]
-        var.set_value(losses.bias_update(var.get_value(), load[i], train.bias_gamma))
-      bias = nnx.from_flat_state(flat)
+    bias = _update_bias(state.bias, paths, load, train.bias_gamma)
 
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["param_norm"] = optax.global_norm(params)
@@ -110,9 +114,64 @@ def make_train_step(
     if paths:
       mean = load.mean(-1)
       metrics["load_imbalance"] = (load.max(-1) / jnp.maximum(mean, 1e-9)).mean()  # max/mean, 1 = balanced
-    return TrainState(state.step + 1, params, bias, opt_state, state.rng), metrics
+    return TrainState(state.step + 1, params, bias, opt_state), metrics
 
   return step
+
+
+def _update_bias(bias, paths, load, gamma):
+  """Moves each listed router bias by its own row of `load` (one row per routing that ran)."""
+  if load.shape[0] != len(paths):  # a mismatch would index out of range, which jnp clamps silently
+    raise ValueError(f"router loads for {load.shape[0]} routings but {len(paths)} router biases to update")
+  if not paths or gamma <= 0:
+    return bias
+  flat = dict(nnx.to_flat_state(bias))
+  for i, p in enumerate(paths):
+    flat[p].set_value(losses.bias_update(flat[p].get_value(), load[i], gamma))
+  return nnx.from_flat_state(flat)
+
+
+def build_step(
+  graphdef, cfg: ModelConfig, train: TrainConfig, tx: optax.GradientTransformation, mesh, shardings, lr_schedule=None
+) -> Callable:
+  """The train step jitted once: explicit in/out shardings (the ambient rules), the state donated."""
+  check_batch(train, mesh)
+  batch_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+  return jax.jit(
+    make_train_step(graphdef, cfg, train, tx, lr_schedule),
+    in_shardings=(shardings, batch_sh),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+    donate_argnums=0,
+  )
+
+
+def check_batch(train: TrainConfig, mesh) -> None:
+  """The global batch must split evenly over processes, micro-batches and the mesh's batch shards."""
+  n_proc = jax.process_count()
+  if train.batch_size % (n_proc * train.grad_accum):
+    raise ValueError(
+      f"train.batch_size ({train.batch_size}) must divide by processes x grad_accum ({n_proc} x {train.grad_accum})"
+    )
+  shards = srules.shard_count(BATCH_AXIS, mesh=mesh)
+  micro = train.batch_size // train.grad_accum
+  if micro % shards:
+    raise ValueError(
+      f"train.batch_size / train.grad_accum = {micro} sequences per micro-batch must divide "
+      f"by the {shards} batch shards of the mesh (mesh data x fsdp x expert)"
+    )
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """[A, B/A, T] batches: the micro-batch axis whole, the rows split like activation rows."""
+  spec = srules.logical_to_spec((BATCH_AXIS, None), mesh=mesh)
+  return NamedSharding(mesh, P(None, *spec))
+
+
+def place_batch(host_batch: dict, mesh, grad_accum: int) -> dict:
+  """This process's [B_local, T] rows -> global [A, B/A, T] int32 arrays on `mesh`, as the step takes them."""
+  sh = batch_sharding(mesh)
+  micro = to_micro(host_batch, grad_accum)
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v, np.int32)) for k, v in micro.items()}
 
 
 def to_micro(batch: dict, grad_accum: int) -> dict:

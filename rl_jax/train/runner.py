@@ -1,0 +1,224 @@
+"""The run skeleton every training stage reuses:
+
+    with setup(run, stage) as ctx:              # mesh + the run's sharding rules, run dir, checkpoints
+      restore_or_init(ctx, tx, data)            # newest checkpoint (+ data position) > --init > random
+      run_loop(ctx, step_fn, batches, hooks)    # the steps; hooks every N steps: log, checkpoint, plots
+
+A stage brings its own step function, batch source and metrics (rl_jax/train/loop.py: pretrain, extend).
+The loop reads a step's metrics only after dispatching the next step, so the host never idles the device;
+rerunning the same command resumes from the newest checkpoint as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rl_jax import checkpoint as ckpt
+from rl_jax import models, report
+from rl_jax.config import RunConfig, model_config, to_dict
+from rl_jax.models.config import ModelConfig
+from rl_jax.sharding import mesh as smesh
+from rl_jax.sharding import rules as srules
+from rl_jax.train import state as S
+from rl_jax.train import step as ST
+
+
+class Diverged(FloatingPointError, ValueError):
+  """The loss or the parameters went non-finite; a ValueError so the CLI reports it in one line."""
+
+
+@dataclasses.dataclass
+class Context:
+  """A running stage: `setup` fills the run, `restore_or_init` the state, `run_loop` advances it."""
+
+  run: RunConfig
+  stage: str
+  mesh: jax.sharding.Mesh
+  run_dir: str
+  mngr: Any  # orbax CheckpointManager over <run_dir>/checkpoints
+  model_cfg: ModelConfig
+  graphdef: Any = None
+  state: S.TrainState | None = None
+  shardings: S.TrainState | None = None
+  data: Any = None  # the batch source's iterator (get_state / set_state): its position is checkpointed
+  start: int = 0  # the step the state holds when the loop starts (the restored one on resume)
+  saved: int = 0  # the newest checkpoint's step; 0: none yet
+  writer: report.MetricsWriter | None = None
+
+  @property
+  def ckpt_dir(self) -> str:
+    return os.path.join(self.run_dir, "checkpoints")
+
+
+class Hook(NamedTuple):
+  """`fn(ctx, step, metrics)` after every `every`-th step (0: none but the last), after the run's last step,
+  and with `first` after step 1. A `state` hook runs as soon as its step is dispatched, with `ctx.state` at
+  that step (checkpoints, evals: they may wait for the device); the others run once the next step is
+  dispatched, so reading the metrics never leaves the device idle."""
+
+  fn: Callable[[Context, int, dict], None]
+  every: int
+  state: bool = False
+  first: bool = False
+
+  def due(self, step: int, last: int) -> bool:
+    return step == last or (self.every > 0 and step % self.every == 0) or (self.first and step == 1)
+
+
+# ------------------------------------------------------------------------------------------ skeleton
+@contextlib.contextmanager
+def setup(run: RunConfig, stage: str) -> Iterator[Context]:
+  """The stage's context, inside the run's mesh and sharding rules; at exit checkpoints finish and close."""
+  smesh.maybe_initialize_distributed(run.mesh)
+  mesh = smesh.mesh_from_config(run.mesh)
+  run_dir = os.path.abspath(run.run_dir or os.path.join("runs", stage))
+  mcfg = S.train_model_config(model_config(run), run.train)
+  with jax.set_mesh(mesh), srules.use_rules(run.mesh.rules):
+    ST.check_batch(run.train, mesh)  # before anything is written or trained
+    c = run.checkpoint
+    mngr = ckpt.manager(os.path.join(run_dir, "checkpoints"), keep=c.keep, async_save=c.async_save, train=True)
+    try:
+      yield Context(run, stage, mesh, run_dir, mngr, mcfg)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+
+
+def write_run_files(ctx: Context, tokenizer_dir: str | None = None) -> None:
+  """The checkpoint directory describes itself: model_config.json and the tokenizer (process 0 writes)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(ctx.ckpt_dir, exist_ok=True)
+  with open(os.path.join(ctx.ckpt_dir, "model_config.json"), "w") as f:
+    json.dump(ckpt.config_to_json(ctx.model_cfg), f, indent=2)
+  if tokenizer_dir:
+    ckpt.copy_tokenizer(tokenizer_dir, os.path.join(ctx.ckpt_dir, "tokenizer"))
+
+
+def restore_or_init(ctx: Context, tx, data=None, *, ref: bool = False) -> None:
+  """ctx.state, born sharded: the newest checkpoint's (and `data`'s position) > --init's weights > random.
+  `ref`: the state carries a reference model, initialised as a copy of the starting weights."""
+  ctx.data = data
+  latest = ctx.mngr.latest_step()
+  seed = ctx.run.train.seed
+  if latest is None:
+    init = _init_weights(ctx.run.init, ctx.model_cfg) if ctx.run.init else None
+    ctx.graphdef, ctx.state, ctx.shardings = S.init_state(
+      ctx.model_cfg, tx, ctx.mesh, seed=seed, init_params=init, ref=ref
+    )
+    return
+  ctx.graphdef, abstract, ctx.shardings = S.state_spec(ctx.model_cfg, tx, ctx.mesh, seed, ref=ref)
+  ctx.state, data_state = ckpt.restore_train(ctx.mngr, latest, abstract, ctx.shardings, ctx.run_dir)
+  if data is not None:
+    if data_state is None:
+      raise ValueError(
+        f"{ctx.run_dir}: checkpoint step {latest} has no data-iterator state for process "
+        f"{jax.process_index()}; cannot resume exactly"
+      )
+    data.set_state(data_state)
+  ctx.start = ctx.saved = int(latest)
+
+
+def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hook]) -> None:
+  """Steps ctx.state from ctx.start to train.steps, calling each hook when it is due (see Hook)."""
+  last = ctx.run.train.steps
+  on_state = [h for h in hooks if h.state]
+  on_metrics = [h for h in hooks if not h.state]
+  lead = jax.process_index() == 0
+  ctx.writer = report.MetricsWriter(ctx.run_dir, total_steps=last, start_step=ctx.start, enabled=lead, desc=ctx.stage)
+  pending = None
+  try:
+    for step in range(ctx.start + 1, last + 1):
+      ctx.state, metrics = step_fn(ctx.state, next(batches))
+      if pending is not None:  # the previous step's metrics: the device already has this step to run
+        _call(on_metrics, ctx, *pending, last)
+      pending = (step, metrics)
+      _call(on_state, ctx, step, metrics, last)
+    if pending is not None:
+      _call(on_metrics, ctx, *pending, last)
+  finally:
+    ctx.writer.close()
+
+
+def _call(hooks: list[Hook], ctx: Context, step: int, metrics: dict, last: int) -> None:
+  for h in hooks:
+    if h.due(step, last):
+      h.fn(ctx, step, metrics)
+
+
+# ------------------------------------------------------------------------------------------ hooks
+def standard_hooks(ctx: Context, log: MetricsLog) -> list[Hook]:
+  """Log every train.log_every steps (and step 1), the progress bar every step, a checkpoint every
+  checkpoint.every steps and at the end, plots at the end."""
+  return [
+    Hook(log, ctx.run.train.log_every, first=True),
+    Hook(lambda ctx, step, metrics: ctx.writer.advance(), 1),
+    Hook(save_checkpoint, ctx.run.checkpoint.every, state=True),
+    Hook(plot_metrics, 0),
+  ]
+
+
+class MetricsLog:
+  """Log hook: a step's metrics (finite, or the run stops) plus tokens/s since the previous log and the
+  model FLOPs per token, to metrics.jsonl and TensorBoard; `last` holds the newest row."""
+
+  def __init__(self, flops_per_token: float):
+    self.flops_per_token, self.last = flops_per_token, {}
+    self.clock, self.logged = time.perf_counter(), None
+
+  def __call__(self, ctx: Context, step: int, metrics: dict) -> None:
+    check_finite(ctx, step, metrics)
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    if "tokens" in m:
+      steps = step - (ctx.start if self.logged is None else self.logged)
+      m["tokens_per_s"] = m["tokens"] * steps / max(now - self.clock, 1e-9)
+    m["model_flops_per_token"] = self.flops_per_token
+    ctx.writer.write(step, m)
+    self.clock, self.logged, self.last = now, step, {"step": step, **m}
+
+
+def save_checkpoint(ctx: Context, step: int, metrics: dict) -> None:
+  """Checkpoint hook: the state, the data position and the configs at `step`; never a diverged state."""
+  check_finite(ctx, step, metrics)  # waits for the step, but only at saves
+  meta = {"stage": ctx.stage, "run_config": to_dict(ctx.run), "model_config": ckpt.config_to_json(ctx.model_cfg)}
+  data_state = None if ctx.data is None else ctx.data.get_state()
+  ckpt.save_train(ctx.mngr, step, ctx.state, meta=meta, data_state=data_state, run_dir=ctx.run_dir)
+  ctx.saved = step
+
+
+def plot_metrics(ctx: Context, step: int, metrics: dict) -> None:
+  if jax.process_index() == 0:
+    report.plot_metrics(ctx.run_dir)
+
+
+def check_finite(ctx: Context, step: int, metrics: dict) -> None:
+  m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "param_norm") if k in metrics})
+  for k, v in m.items():
+    if not np.isfinite(v):
+      kept = f"newest checkpoint: step {ctx.saved}" if ctx.saved else "no checkpoint written"
+      raise Diverged(f"{k} is {float(v)} at step {step}; stopped ({kept}; lower optimizer.lr?)")
+
+
+def _init_weights(path: str, mcfg: ModelConfig):
+  """--init's (params, bias) on the ambient mesh; only rope, context length and dtypes may differ from
+  the run's model (e.g. `extend`)."""
+  _, params, bias = S.split_model(ckpt.load_model(path, param_dtype=mcfg.param_dtype, dtype=mcfg.dtype))
+  want = nnx.eval_shape(lambda: models.Transformer(mcfg, nnx.Rngs(params=0)))
+  want = jax.tree.map(lambda x: x.shape, nnx.state(want, nnx.Param).to_pure_dict())
+  if want != jax.tree.map(lambda x: x.shape, params.to_pure_dict()):
+    raise ValueError(
+      f"--init {path}: its parameters do not match the run's model (different architecture; "
+      f"only rope / max_position_embeddings / dtypes may differ)"
+    )
+  return params, bias
