@@ -6,8 +6,13 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from . import configlib
+from .configlib import ConfigError
 
 ARCHS = ("deepseek_v3", "qwen2", "llama")
 HF_ARCH = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -90,36 +95,36 @@ class ModelConfig:
     return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
 
   def validate(self) -> ModelConfig:
-    def bad(key, msg):
-      raise ValueError(f"model config key '{key}': {msg}")
+    def bad(key, problem):
+      raise ConfigError.at(key, problem)  # the loader prefixes the section ('model.')
 
     if self.arch not in ARCHS:
-      bad("arch", f"unsupported architecture {self.arch!r} (supported: {', '.join(ARCHS)})")
+      bad("arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
     for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
       if getattr(self, k) <= 0:
         bad(k, f"must be > 0, got {getattr(self, k)}")
     if not self.is_mla and self.num_attention_heads % self.num_key_value_heads:
       bad(
         "num_key_value_heads",
-        f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
+        f"must divide num_attention_heads ({self.num_attention_heads}), got {self.num_key_value_heads}",
       )
     if self.rope_dim % 2:
-      bad("qk_rope_head_dim" if self.is_mla else "head_dim", f"rope dim {self.rope_dim} must be even")
+      bad("qk_rope_head_dim" if self.is_mla else "head_dim", f"must give an even rope dim, got {self.rope_dim}")
     if self.n_routed_experts:
       if self.n_routed_experts % self.n_group:
-        bad("n_group", f"{self.n_group} does not divide n_routed_experts {self.n_routed_experts}")
+        bad("n_group", f"must divide n_routed_experts ({self.n_routed_experts}), got {self.n_group}")
       if not 1 <= self.topk_group <= self.n_group:
         bad("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
       per_group = self.n_routed_experts // self.n_group
       if self.n_group > 1 and per_group < 2:
-        bad("n_group", "group scores sum the top-2 experts of a group: need >= 2 experts per group")
+        bad("n_group", f"must leave >= 2 experts per group (group scores sum the top 2), got {per_group}")
       if not 1 <= self.num_experts_per_tok <= self.topk_group * per_group:
         bad(
           "num_experts_per_tok",
-          f"{self.num_experts_per_tok} exceeds the experts in topk_group groups ({self.topk_group * per_group})",
+          f"must be in [1, experts in topk_group groups={self.topk_group * per_group}], got {self.num_experts_per_tok}",
         )
     if self.num_nextn_predict_layers and not self.is_mla:
-      bad("num_nextn_predict_layers", "multi-token prediction is only implemented for deepseek_v3")
+      bad("num_nextn_predict_layers", "must be 0: multi-token prediction is only implemented for deepseek_v3")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       bad("moe_capacity_factor", f"must be > 0 or null, got {self.moe_capacity_factor}")
     return self
@@ -159,6 +164,30 @@ class ModelConfig:
     active = L * layer_base + (L - n_moe) * dense + n_moe * moe_active + embed + d
     mtp_layer = layer_base + (moe_total if self.n_routed_experts else dense) + 2 * d * d + 3 * d
     return {"total": total, "active": active, "mtp": self.num_nextn_predict_layers * mtp_layer}
+
+  def flops_per_token(self, seq_len: int, *, mtp: bool) -> float:
+    """Training FLOPs per token (forward + backward): 6 x the matmul weights a token meets (routed experts:
+    only its top-k; the LM head also when tied to the embedding, whose lookup is no matmul) + causal
+    attention over `seq_len`. The MTP blocks and their head count only with `mtp` (the run trains them)."""
+    d, V, H = self.hidden_size, self.vocab_size, self.num_attention_heads
+    if self.is_mla:
+      r, c, d_qk, d_v = self.q_lora_rank, self.kv_lora_rank, self.qk_head_dim, self.v_head_dim
+      q = d * r + r * H * d_qk if r else d * H * d_qk
+      kv = d * (c + self.qk_rope_head_dim) + c * H * (self.qk_nope_head_dim + d_v)
+      attn = q + kv + H * d_v * d
+    else:
+      hd = self.gqa_head_dim
+      attn, d_qk, d_v = d * hd * (H + 2 * self.num_key_value_heads) + H * hd * d, hd, hd
+    dense = 3 * d * self.intermediate_size
+    moe = (self.num_experts_per_tok + self.n_shared_experts) * 3 * d * self.moe_intermediate_size
+    moe += d * self.n_routed_experts  # the router
+    matmul = sum(attn + (moe if self.is_moe_layer(i) else dense) for i in range(self.num_hidden_layers)) + d * V
+    n_attn = self.num_hidden_layers
+    if mtp and self.num_nextn_predict_layers:
+      block = 2 * d * d + attn + (moe if self.n_routed_experts else dense) + d * V  # eh_proj, layer, shared head
+      matmul += self.num_nextn_predict_layers * block
+      n_attn += self.num_nextn_predict_layers
+    return 6.0 * matmul + 3.0 * n_attn * H * (d_qk + d_v) * seq_len
 
   # ------------------------------------------------------------------ HF interop
   @classmethod
@@ -315,51 +344,53 @@ class ModelConfig:
     return c
 
 
-def from_dict(data: dict[str, Any]) -> ModelConfig:
-  """Strict construction from a plain mapping (unknown keys name the closest valid one)."""
-  data = dict(data)
-  names = [f.name for f in dataclasses.fields(ModelConfig)]
-  for k in data:
-    if k not in names:
-      hint = difflib.get_close_matches(k, names, n=1)
-      raise ValueError(f"unknown model config key '{k}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-  if isinstance(data.get("rope"), dict):
-    rnames = [f.name for f in dataclasses.fields(RopeConfig)]
-    for k in data["rope"]:
-      if k not in rnames:
-        hint = difflib.get_close_matches(k, rnames, n=1)
-        raise ValueError(
-          f"unknown model config key 'rope.{k}'" + (f" (did you mean 'rope.{hint[0]}'?)" if hint else "")
-        )
-    data["rope"] = RopeConfig(**data["rope"])
-  return ModelConfig(**data).validate()
+def from_dict(data: dict[str, Any], *, path: str = "") -> ModelConfig:
+  """Strict construction through the shared loader: one ConfigError line naming the (``path``-prefixed) key."""
+  return configlib.from_dict(ModelConfig, data, path=path)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-PRESET_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "models"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped YAML (rl_jax/configs when installed)
+PRESET_DIR = CONFIG_DIR / "models"
+_SHIPPED = {"model": (PRESET_DIR, ("*.yaml",)), "run": (CONFIG_DIR, ("*.yaml", "pipelines/*.yaml"))}
+
+
+def shipped_names(kind: Literal["model", "run"] = "run") -> list[str]:
+  """Names of the shipped model presets or run/pipeline configs ('tiny-moe', 'pretrain_tiny', 'pipelines/x')."""
+  base, globs = _SHIPPED[kind]
+  return sorted(p.relative_to(base).with_suffix("").as_posix() for g in globs for p in base.glob(g))
 
 
 def preset_names() -> list[str]:
-  return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+  return shipped_names("model")
+
+
+def config_path(name: str | os.PathLike, kind: Literal["model", "run"] = "run") -> Path:
+  """A YAML file by path (relative to the cwd) or, when no such file exists, by shipped name."""
+  name = os.fspath(name)
+  if os.path.isfile(name):
+    return Path(name)
+  base, _ = _SHIPPED[kind]
+  stem = name.removesuffix(".yaml").removesuffix(".yml")
+  if (base / f"{stem}.yaml").is_file():
+    return base / f"{stem}.yaml"
+  names = shipped_names(kind)
+  close = difflib.get_close_matches(stem, names, n=1)
+  if kind == "model":
+    hint = f"did you mean '{close[0]}'?" if close else f"presets: {', '.join(names)}"
+    raise ConfigError(f"unknown model preset '{name}' ({hint})")
+  hint = f"did you mean '{close[0]}'? " if close else ""
+  raise ConfigError(f"config file not found: {name} ({hint}shipped configs: {', '.join(names)})")
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+  """The raw mapping of a model preset (shipped name or YAML path), for overrides before construction."""
+  return configlib.read_yaml(config_path(name, "model"))
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-  """A named preset from configs/models/ (or a path to a YAML file), with field overrides."""
-  import os
-
-  import yaml
-
-  path = name if name.endswith((".yaml", ".yml")) and os.path.exists(name) else PRESET_DIR / f"{name}.yaml"
-  if not os.path.exists(path):
-    hint = difflib.get_close_matches(name, preset_names(), n=1)
-    raise ValueError(
-      f"unknown model preset '{name}'"
-      + (f" (did you mean '{hint[0]}'?)" if hint else f" (presets: {', '.join(preset_names())})")
-    )
-  with open(path) as f:
-    data = yaml.safe_load(f) or {}
-  data.update(overrides)
-  return from_dict(data)
+  """A named preset from configs/models/ (or a path to a YAML file), with field overrides (mappings merge)."""
+  return from_dict(configlib.merge(preset_dict(name), overrides))

@@ -13,7 +13,7 @@ import time
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", help="run config YAML (configs/*.yaml)")
+  p.add_argument("--config", help="run config: a YAML path or a shipped name (pretrain_tiny, extend_tiny)")
   p.add_argument("--run-dir", help="where checkpoints, metrics and plots go")
   p.add_argument("--init", help="checkpoint to initialise the weights from")
   p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
@@ -58,19 +58,13 @@ def cmd_export(args) -> None:
 def cmd_init(args) -> None:
   """A randomly initialised model from a preset, as an rl-jax checkpoint and/or a HF directory."""
   from rl_jax import checkpoint, models
-  from rl_jax.models.config import preset
+  from rl_jax.models.config import from_dict, preset_dict
+  from rl_jax.models.configlib import apply_overrides
 
-  overrides = {}
-  for o in args.set or []:
-    import yaml
-
-    k, v = o.split("=", 1)
-    overrides[k] = yaml.safe_load(v)
-  cfg = preset(args.model, **overrides)
+  # `--set key.path=value` edits the preset's mapping, so nested keys (rope.factor=4) work as in run configs.
+  cfg = from_dict(apply_overrides(preset_dict(args.model), args.set or []))
   model = models.build(cfg, seed=args.seed)
-  tok_dir = None
-  if args.tokenizer:
-    tok_dir = args.tokenizer
+  tok_dir = args.tokenizer
   if args.out:
     checkpoint.save_model(args.out, model, tokenizer_dir=tok_dir)
     print(f"wrote checkpoint {args.out}")
@@ -193,6 +187,51 @@ def cmd_pretrain(args) -> None:
     )
 
 
+def cmd_grpo(args) -> None:
+  from rl_jax.train import rl_loop
+
+  run = _run_config(args)
+  last = rl_loop.train(run, stage="grpo")
+  if last:
+    print(
+      f"grpo done: step {last['step']}, reward {last.get('reward', float('nan')):.3f} -> {run.run_dir or 'runs/grpo'}"
+    )
+
+
+def cmd_eval(args) -> None:
+  import json
+
+  from rl_jax import evaluate
+
+  res = evaluate.run_eval(
+    args.checkpoint, task=args.task, num_problems=args.num_problems, k=args.k, seed=args.seed,
+    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
+  )  # fmt: skip
+  text = json.dumps(res, indent=2)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  keys = ("task", "k", "pass@1", "cons@k", "pass@1_lenient", "format_rate", "mean_response_tokens")
+  print(json.dumps({k: res[k] for k in keys}) if args.out else text)
+
+
+def cmd_pipeline(args) -> None:
+  from rl_jax import pipeline
+
+  path = getattr(args, "file", None) or PIPELINES["quickstart"]
+  run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
+  t0 = time.time()
+  summary = pipeline.write_report(pipeline.run(path, run_dir))
+  print(f"pipeline done in {time.time() - t0:.0f} s: {os.path.join(summary['run_dir'], 'report.md')}")
+  for label in pipeline.load(path).report:
+    e = summary[label]
+    print(f"  {label}: pass@1 {e['pass@1']:.3f}, lenient {e['pass@1_lenient']:.3f}, format {e['format_rate']:.3f}")
+
+
+PIPELINES = {"quickstart": "pipelines/r1_zero_tiny"}
+
+
 def cmd_bench(args) -> None:
   import json
 
@@ -226,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("init", help="random init from a preset (demos, tests, benchmarks)")
-  p.add_argument("--model", required=True, help="preset name (configs/models/) or YAML path")
+  p.add_argument("--model", required=True, help="preset name (tiny-moe, small-moe, ...) or YAML path")
   p.add_argument("--out", help="rl-jax checkpoint directory to write")
   p.add_argument("--hf-out", help="Hugging Face directory to write")
   p.add_argument("--tokenizer", help="directory with tokenizer.json to bundle")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, e.g. dtype=bfloat16")
   p.set_defaults(fn=cmd_init)
 
   p = sub.add_parser("info", help="describe a checkpoint")
@@ -256,6 +295,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=text)
     _add_run_args(p)
     p.set_defaults(fn=cmd_pretrain)
+
+  p = sub.add_parser("grpo", help="GRPO / DAPO / Dr. GRPO / GSPO reasoning RL from --init; resumes")
+  _add_run_args(p)
+  p.set_defaults(fn=cmd_grpo)
+
+  p = sub.add_parser("eval", help="R1's evaluation protocol on held-out problems: pass@1, cons@k, format rate")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--task", help="procedural kind or .jsonl file (default: the one the checkpoint trained on)")
+  p.add_argument("--num-problems", type=int, default=100)
+  p.add_argument("--k", type=int, default=4, help="samples per problem")
+  p.add_argument("--seed", type=int, default=0, help="picks the held-out problems and the samples")
+  p.add_argument("--temperature", type=float, default=0.6)
+  p.add_argument("--top-p", type=float, default=0.95)
+  p.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's grpo.max_new_tokens")
+  p.add_argument("--template", help="prompt template (default: the checkpoint's grpo.template)")
+  p.add_argument("--out", help="write the full JSON here")
+  p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("pipeline", help="run a pipeline of stages (configs/pipelines/), skipping finished ones")
+  p.add_argument("file", help="pipeline YAML (path or shipped name, e.g. pipelines/r1_zero_tiny)")
+  p.add_argument("--run-dir", help="default: runs/<pipeline name>")
+  p.set_defaults(fn=cmd_pipeline)
+
+  p = sub.add_parser("quickstart", help="the tiny R1-Zero: pretrain, eval, GRPO, eval on the CPU in minutes")
+  p.add_argument("--run-dir", help="default: runs/r1_zero_tiny")
+  p.set_defaults(fn=cmd_pipeline)
 
   p = sub.add_parser("bench", help="benchmarks: train (MFU) or sample (tokens/s)")
   p.add_argument("what", choices=["train", "sample"])

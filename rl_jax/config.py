@@ -1,240 +1,51 @@
-"""Strict YAML -> frozen dataclass config loading, plus the run-config schema.
+"""The run-config schema: one frozen dataclass per concern, composed into ``RunConfig``.
 
-``from_dict`` builds any tree of (frozen) dataclasses from a mapping, checking
-each value against the field's type hint; ``load`` adds YAML files and
-``key.path=value`` overrides.  Every problem is a one-line ``ConfigError``
-naming the dotted key.  The ``model`` section is kept as-is (preset name or
-mapping) for the model package to resolve, typically via ``from_dict``.
+Loading is the strict loader of ``rl_jax.models.configlib`` (re-exported here): YAML files plus
+``key.path=value`` overrides, every problem a one-line ``ConfigError`` naming the dotted key. ``--config``
+and ``model:`` take a path or the name of a config shipped in rl_jax/configs.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import difflib
-import functools
 import os
-import types
 import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
+from rl_jax.models.config import ModelConfig, config_path, preset_dict
+from rl_jax.models.config import from_dict as model_from_dict
+from rl_jax.models.configlib import (
+  ConfigError,
+  apply_overrides,
+  dump_yaml,
+  from_dict,
+  load,
+  merge,
+  parse_override,
+  read_yaml,
+  to_dict,
+)
 
-
-class ConfigError(ValueError):
-  """A bad config value or file; the message is always a single line."""
-
-  def __init__(self, msg: str):
-    super().__init__(" ".join(str(msg).splitlines()))
-
-
-_NoneType = type(None)
-
-
-def _key(path: str, name: Any) -> str:
-  return f"{path}.{name}" if path else str(name)
-
-
-def _tname(tp: Any) -> str:
-  if tp is _NoneType:
-    return "None"
-  if isinstance(tp, type) and not typing.get_args(tp):
-    return tp.__name__
-  return repr(tp).replace("typing.", "")
-
-
-def _got(value: Any) -> str:
-  r = repr(value)
-  r = r if len(r) <= 60 else r[:57] + "..."
-  return "got null" if value is None else f"got {type(value).__name__} {r}"
-
-
-def _type_error(tp: Any, value: Any, key: str) -> ConfigError:
-  return ConfigError(f"config key '{key}' expects {_tname(tp)}, {_got(value)}")
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-  """Check/convert one value against type hint ``tp``; ``key`` is its dotted name."""
-  if tp is Any or tp is object:
-    return value
-  origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-  if origin is typing.Union or origin is types.UnionType:
-    if value is None and _NoneType in args:
-      return None
-    options = [a for a in args if a is not _NoneType]
-    if len(options) == 1:  # Optional[X]: let X give the precise error
-      return _convert(options[0], value, key)
-    for opt in options:
-      try:
-        return _convert(opt, value, key)
-      except ConfigError:
-        pass
-    raise _type_error(tp, value, key)
-
-  if origin is Literal:
-    if any(value == a and type(value) is type(a) for a in args):
-      return value
-    raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
-
-  if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-    # an instance passes through; None -> defaults (e.g. "train:" left empty)
-    return value if isinstance(value, tp) else from_dict(tp, value, path=key)
-
-  if tp in (bool, int, str, _NoneType):
-    ok = value is None if tp is _NoneType else isinstance(value, tp)
-    if ok and (tp is bool or not isinstance(value, bool)):
-      return value
-    raise _type_error(tp, value, key)
-  if tp is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-      try:
-        return float(value)
-      except ValueError:
-        pass
-    raise _type_error(tp, value, key)
-
-  if origin in (tuple, list) or tp in (tuple, list):
-    container = origin or tp
-    if not isinstance(value, (list, tuple)):
-      raise _type_error(tp, value, key)
-    if not args:
-      items = list(value)
-    elif container is list or (len(args) == 2 and args[1] is Ellipsis):
-      items = [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    else:
-      if len(value) != len(args):
-        raise ConfigError(f"config key '{key}' expects {_tname(tp)}, got {len(value)} items")
-      items = [_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
-    return container(items)
-
-  if origin is dict or tp is dict or origin is Mapping:
-    if not isinstance(value, Mapping):
-      raise _type_error(tp, value, key)
-    kt, vt = args if args else (Any, Any)
-    return {_convert(kt, k, f"{key}.{k}"): _convert(vt, v, _key(key, k)) for k, v in value.items()}
-
-  if isinstance(tp, type) and origin is None and not isinstance(value, tp):
-    raise _type_error(tp, value, key)  # some other plain class
-  return value  # (or an unsupported typing construct: accepted as-is)
-
-
-_hints = functools.cache(typing.get_type_hints)
-
-
-def from_dict(cls: type, data: Mapping[str, Any] | None, *, path: str = "") -> Any:
-  """Build dataclass ``cls`` (recursively) from ``data``, strictly; then call
-  ``obj.validate()`` if defined.  ``path`` prefixes keys in error messages."""
-  if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-    raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-  data = {} if data is None else data
-  if not isinstance(data, Mapping):
-    where = f"config key '{path}'" if path else "config"
-    raise ConfigError(f"{where} expects a mapping, {_got(data)}")
-  hints = _hints(cls)
-  fields = [f for f in dataclasses.fields(cls) if f.init]
-  names = [f.name for f in fields]
-  for k in data:
-    if k not in names:
-      close = difflib.get_close_matches(str(k), names, n=1)
-      hint = f"did you mean '{_key(path, close[0])}'?" if close else f"valid keys: {', '.join(names)}"
-      raise ConfigError(f"unknown config key '{_key(path, k)}' ({hint})")
-  kwargs = {}
-  for f in fields:
-    if f.name in data:
-      kwargs[f.name] = _convert(hints[f.name], data[f.name], _key(path, f.name))
-    elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-      raise ConfigError(f"missing required config key '{_key(path, f.name)}'")
-  try:
-    obj = cls(**kwargs)
-    if callable(getattr(obj, "validate", None)):
-      obj.validate()
-  except ConfigError:
-    raise
-  except (ValueError, TypeError) as e:  # from __post_init__ / validate
-    raise ConfigError(f"invalid config section '{path or cls.__name__}': {e}") from e
-  return obj
-
-
-def to_dict(obj: Any) -> Any:
-  """Plain, YAML-serialisable form: dataclasses -> dicts, tuples -> lists."""
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-  if isinstance(obj, Mapping):
-    return {k: to_dict(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [to_dict(v) for v in obj]
-  return obj
-
-
-def dump_yaml(obj: Any) -> str:
-  return yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
-
-
-def parse_override(s: str) -> tuple[str, Any]:
-  """``"train.steps=10"`` -> ``("train.steps", 10)``; the value is parsed as YAML."""
-  if "=" not in s:
-    raise ConfigError(f"override '{s}' must look like key.path=value")
-  key, raw = s.split("=", 1)
-  key = key.strip()
-  if not key or any(not part for part in key.split(".")):
-    raise ConfigError(f"override '{s}' has an invalid key '{key}'")
-  try:
-    value = yaml.safe_load(raw)
-  except yaml.YAMLError:  # e.g. a glob like "*.jsonl": keep the raw string
-    value = raw
-  return key, value
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: typing.Iterable[str]) -> dict:
-  """Return a deep copy of ``data`` with each ``key.path=value`` override set."""
-  out = copy.deepcopy(dict(data))
-  for s in overrides:
-    key, value = parse_override(s)
-    parts = key.split(".")
-    node = out
-    for i, part in enumerate(parts[:-1]):
-      child = node.get(part)
-      if child is None:
-        child = node[part] = {}
-      elif not isinstance(child, dict):
-        raise ConfigError(
-          f"cannot apply override '{s}': config key '{'.'.join(parts[: i + 1])}' is {_got(child)[4:]}, not a mapping"
-        )
-      node = child
-    node[parts[-1]] = value
-  return out
-
-
-def load(cls: type, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> Any:
-  """Read YAML ``path`` (None -> empty), apply ``overrides``, build ``cls``."""
-  data: Any = {}
-  if path is not None:
-    path = os.fspath(path)
-    try:
-      with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    except FileNotFoundError:
-      raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:
-      raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-      data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-      mark = getattr(e, "problem_mark", None)
-      where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-      problem = getattr(e, "problem", None) or str(e)
-      raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-      raise ConfigError(f"config file {path} must contain a mapping at top level, got {type(data).__name__}")
-  data = apply_overrides(data, list(overrides))
-  return from_dict(cls, data)
-
+__all__ = [
+  "CheckpointConfig",
+  "ConfigError",
+  "DataConfig",
+  "GRPOConfig",
+  "MeshConfig",
+  "OptimizerConfig",
+  "RunConfig",
+  "TrainConfig",
+  "apply_overrides",
+  "dump_yaml",
+  "from_dict",
+  "load",
+  "load_run_config",
+  "merge",
+  "model_config",
+  "parse_override",
+  "read_yaml",
+  "to_dict",
+]
 
 # ---------------------------------------------------------------- run-config schema
 
@@ -367,59 +178,124 @@ class CheckpointConfig:
     _check(self, "checkpoint", every=">= 0", keep=">= 1")
 
 
+# GRPO-family algorithms: the defaults each one gives the `grpo` keys the config leaves unset.
+ALGORITHMS: dict[str, dict[str, Any]] = {
+  "grpo": {},  # DeepSeekMath / R1: group-normalised advantages, per-sequence token means, k3 KL in the loss
+  "dapo": {"loss_agg": "token-mean", "clip_high": 0.28, "beta": 0.0, "dynamic_sampling": True, "overlong_buffer": -1},
+  "dr_grpo": {"advantage": "none", "loss_agg": "seq-mean-token-sum-norm", "beta": 0.0},
+  "gspo": {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4, "beta": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+  algorithm: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "grpo"  # presets for the keys below (ALGORITHMS)
+  task: str = "chain"  # a procedural task kind (rl_jax/data/procedural.py) or a GSM8K/MATH-style .jsonl path
+  template: str = "r1_zero_short"  # prompt template name (rl_jax/data/tasks.py) or a string with {prompt}
+  think_prefix: bool = False  # the template ends by opening <think>: the format reward counts it
+  prompts_per_step: int = 16  # questions per RL step
+  group_size: int = 8  # G completions per question
+  max_prompt_len: int = 64  # tokens; longer prompts are an error
+  max_new_tokens: int = 64  # completion budget (tokens)
+  temperature: float = 1.0  # rollouts; log-probs (sampler and trainer) are those of logits / temperature
+  top_p: float = 1.0
+  rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # weights
+  advantage: Literal["group", "batch", "none"] = "group"  # std scaling of r - group mean
+  loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+    "seq-mean-token-mean"
+  )
+  clip_low: float = 0.2  # ratio clip range [1 - clip_low, 1 + clip_high]
+  clip_high: float = 0.2
+  beta: float = 0.001  # KL weight (R1: 0.001)
+  kl: Literal["k1", "k2", "k3"] = "k3"  # KL estimator
+  kl_in_reward: bool = False  # subtract beta * KL(sequence) from the reward instead of adding it to the loss
+  ratio_level: Literal["token", "sequence"] = "token"  # "sequence": GSPO's length-normalised sequence ratio
+  epochs: int = 1  # mu: passes over each rollout batch
+  minibatches: int = 1  # optimizer steps per pass
+  ref_reset_every: int = 0  # reset the reference model to the policy every N steps (R1: 400); 0 = never
+  tis_cap: float | None = 2.0  # truncated importance weight cap for the sampler/trainer mismatch; null = off
+  routing_replay: bool = False  # MoE: train on the experts the sampler chose
+  dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more to refill
+  max_resample: int = 4  # dynamic sampling: extra rollout rounds at most per step
+  overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of the budget; 0 off, -1 = budget/4
+  eval_every: int = 0  # held-out evaluation every N steps (and at the end); 0 = only at the end
+  eval_problems: int = 64
+  eval_k: int = 4
+
+  def validate(self) -> None:
+    _check(
+      self,
+      "grpo",
+      prompts_per_step=">= 1",
+      max_prompt_len=">= 1",
+      max_new_tokens=">= 1",
+      temperature="> 0",
+      clip_low=">= 0",
+      clip_high=">= 0",
+      beta=">= 0",
+      epochs=">= 1",
+      minibatches=">= 1",
+      ref_reset_every=">= 0",
+      max_resample=">= 0",
+      eval_every=">= 0",
+      eval_problems=">= 1",
+      eval_k=">= 1",
+    )
+    if self.group_size < 2:
+      raise ConfigError(
+        f"config key 'grpo.group_size' must be >= 2 (advantages compare a group), got {self.group_size}"
+      )
+    if not 0 < self.top_p <= 1:
+      raise ConfigError(f"config key 'grpo.top_p' must be in (0, 1], got {self.top_p}")
+    if (self.prompts_per_step * self.group_size) % self.minibatches:
+      raise ConfigError(
+        f"config key 'grpo.minibatches' ({self.minibatches}) must divide grpo.prompts_per_step x grpo.group_size "
+        f"({self.prompts_per_step * self.group_size})"
+      )
+    from rl_jax.rewards import COMPONENTS
+
+    for name in self.rewards:
+      if name not in COMPONENTS:
+        raise ConfigError(f"config key 'grpo.rewards.{name}' is not a reward (known: {', '.join(COMPONENTS)})")
+
+
 @dataclass(frozen=True)
 class RunConfig:
-  model: Any = "tiny-moe"  # preset name or inline mapping; resolved by the model package
+  model: str | dict[str, Any] = "tiny-moe"  # preset name or YAML path, {preset: NAME, ...overrides}, or a mapping
   mesh: MeshConfig = field(default_factory=MeshConfig)
   optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   data: DataConfig = field(default_factory=DataConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by `rl-jax grpo` only
   run_dir: str | None = None  # where checkpoints/logs go; None = let the CLI decide
   init: str | None = None  # checkpoint to initialise weights from
 
-  def validate(self) -> None:
-    if not isinstance(self.model, (str, Mapping)):
-      raise ConfigError(f"config key 'model' must be a preset name or a mapping, {_got(self.model)}")
-
 
 def load_run_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
-  """Load a run config; ``model.key=value`` overrides tweak a preset named by ``model: NAME``."""
-  overrides = list(overrides)
-  if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
-    # `model.key=value` tweaks a preset named by the YAML or by an earlier `model=NAME` override.
-    for i, o in enumerate(overrides):
-      key, value = parse_override(o)
-      if key == "model" and isinstance(value, str):
-        overrides[i] = f"model={{preset: {value}}}"
-    base = load(RunConfig, path).model
-    if isinstance(base, str):
-      overrides.insert(0, f"model={{preset: {base}}}")
-  cfg = load(RunConfig, path, overrides)
+  """Load a run config (a path or a shipped name like ``pretrain_tiny``), then ``key.path=value`` overrides."""
+  data = {} if path is None else read_yaml(config_path(path, "run"))
+  for o in overrides:
+    model = data.get("model", RunConfig.model)
+    if o.split("=", 1)[0].strip().startswith("model.") and isinstance(model, str):
+      data["model"] = {"preset": model}  # `model.key=value` tweaks the named preset
+    data = apply_overrides(data, [o])
+  grpo = data.get("grpo")
+  if isinstance(grpo, dict) and grpo.get("algorithm") in ALGORITHMS:  # the algorithm's defaults, then the keys set
+    data = {**data, "grpo": {**ALGORITHMS[grpo["algorithm"]], **grpo}}
+  cfg = from_dict(RunConfig, data)
   model_config(cfg)  # validate the model section now, with its dotted key names
   return cfg
 
 
-def model_config(cfg: RunConfig):
-  """Resolve ``cfg.model`` (preset name, ``{preset: NAME, ...overrides}`` or a full mapping)."""
-  from rl_jax.models.config import ModelConfig, preset
-  from rl_jax.models.config import from_dict as model_from_dict
-
+def model_config(cfg: RunConfig) -> ModelConfig:
+  """Resolve ``cfg.model`` (preset name or YAML path, ``{preset: NAME, ...overrides}`` or a full mapping)."""
   spec = cfg.model
-  try:
-    if isinstance(spec, ModelConfig):
-      return spec
-    if isinstance(spec, str):
-      return preset(spec)
-    spec = dict(spec)
-    if "preset" in spec:
-      name = spec.pop("preset")
-      rope = spec.pop("rope", None)
-      base = preset(name)
-      if rope is not None:
-        spec["rope"] = {**to_dict(base.rope), **dict(rope)}
-      return model_from_dict({**to_dict(base), **spec})
-    return model_from_dict(spec)
-  except (ValueError, TypeError) as e:
-    msg = str(e).replace("model config key '", "config key 'model.").replace("did you mean '", "did you mean 'model.")
-    raise ConfigError(msg) from None
+  if isinstance(spec, ModelConfig):
+    return spec
+  spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+  name = spec.pop("preset", None)
+  if name is not None and not isinstance(name, str):
+    raise ConfigError(f"config key 'model.preset' expects a preset name or YAML path, got {name!r}")
+  base = {} if name is None else preset_dict(name)
+  return model_from_dict(merge(base, spec), path="model")

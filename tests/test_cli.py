@@ -145,3 +145,27 @@ def test_extend_requires_yarn_and_an_init(tmp_path, capsys):
   assert cli.main(["extend", "--config", "configs/extend_tiny.yaml", "--run-dir", str(tmp_path / "e")]) == 2
   err = capsys.readouterr().err
   assert "--init" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+  "setting, message",
+  [
+    ("nonsense", "override 'nonsense' must look like key.path=value"),
+    ("dtype=bf16", "config key 'dtype' must be one of ['float32', 'bfloat16', 'float16'], got 'bf16'"),
+    ("rope.factr=4", "unknown config key 'rope.factr' (did you mean 'rope.factor'?)"),
+  ],
+)
+def test_init_bad_setting_is_one_line_error(setting, message, tmp_path, capsys):
+  assert cli.main(["init", "--model", "tiny-moe", "--set", setting, "--out", str(tmp_path / "x")]) == 2
+  assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_info_on_a_bad_model_config_names_the_file(tmp_path, capsys):
+  import json
+
+  good = checkpoint.config_to_json(preset("tiny-moe"))
+  (tmp_path / "model_config.json").write_text(json.dumps({**good, "hidden_szie": 64}))
+  assert cli.main(["info", "--checkpoint", str(tmp_path)]) == 2
+  path = tmp_path / "model_config.json"
+  want = f"error: {path}: unknown config key 'hidden_szie' (did you mean 'hidden_size'?)\n"
+  assert capsys.readouterr().err == want

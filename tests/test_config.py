@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -11,6 +12,8 @@ import yaml
 
 from rl_jax import config as C
 from rl_jax.config import ConfigError, RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the shipped YAML, read directly as the reference
 
 
 def _err(fn, *args, **kwargs) -> str:
@@ -299,3 +302,89 @@ def test_round_trip_tuples():
   assert d["inner"]["pair"] == [1, "z"]
   assert C.from_dict(Outer, yaml.safe_load(C.dump_yaml(obj))) == obj
   assert obj.inner.dims == (3, 4, 5)
+
+
+# ---------------------------------------------------------------- model config: one strict path
+
+# (key, value, message with {p} where the run config adds its 'model.' section prefix)
+BAD_MODEL = [
+  ("dtype", "bf16", "config key '{p}dtype' must be one of ['float32', 'bfloat16', 'float16'], got 'bf16'"),
+  ("hiden_size", 3, "unknown config key '{p}hiden_size' (did you mean '{p}hidden_size'?)"),
+  ("num_hidden_layers", "two", "config key '{p}num_hidden_layers' expects int, got str 'two'"),
+  ("n_group", 3, "config key '{p}n_group' must divide n_routed_experts (8), got 3"),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", BAD_MODEL, ids=[b[0] for b in BAD_MODEL])
+def test_bad_model_value_same_line_through_every_entry(tmp_path, capsys, key, value, expected):
+  import json
+
+  from rl_jax import checkpoint, cli
+  from rl_jax.models.config import from_dict
+
+  msg = expected.format(p="")
+  assert _err(from_dict, {**yaml.safe_load((CONFIGS / "models" / "tiny-moe.yaml").read_text()), key: value}) == msg
+  assert _err(C.load_run_config, None, [f"model.{key}={value}"]) == expected.format(p="model.")
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  good = json.loads(json.dumps(C.to_dict(C.model_config(RunConfig()))))
+  (ckpt / "model_config.json").write_text(json.dumps({**good, key: value}))
+  assert _err(checkpoint.read_model_config, str(ckpt)) == f"{ckpt / 'model_config.json'}: {msg}"
+  out = tmp_path / "out"
+  assert cli.main(["init", "--model", "tiny-moe", "--set", f"{key}={value}", "--out", str(out)]) == 2
+  assert capsys.readouterr().err == f"error: {msg}\n"
+  assert not out.exists()
+
+
+def test_model_section_forms(tmp_path):
+  from rl_jax.models.config import preset
+
+  own = _write(tmp_path, "arch: llama\nnum_key_value_heads: 2\n", name="my_model.yaml")
+  assert C.model_config(C.load_run_config(None, [f"model={own}"])) == preset(own)
+  assert preset(own).num_key_value_heads == 2 and preset(own).arch == "llama"
+  cfg = C.load_run_config(None, ["model.rope.theta=500.0"])  # tweaks the default preset, rope merged
+  assert C.model_config(cfg) == preset("tiny-moe", rope={"theta": 500.0})
+  assert C.model_config(cfg).rope.interleave  # kept from the preset
+  assert _err(C.load_run_config, None, ["model={preset: 3}"]).startswith("config key 'model.preset'")
+  assert _err(C.load_run_config, None, ["model=tiny-mo"]) == "unknown model preset 'tiny-mo' (did you mean 'tiny-moe'?)"
+
+
+def test_checkpoint_model_config_round_trip_and_bad_json(tmp_path):
+  from rl_jax import checkpoint
+
+  cfg = C.model_config(C.load_run_config(None, ["model.rope={type: yarn, factor: 4.0}"]))
+  (tmp_path / "model_config.json").write_text(__import__("json").dumps(checkpoint.config_to_json(cfg)))
+  assert checkpoint.read_model_config(str(tmp_path)) == cfg
+  (tmp_path / "model_config.json").write_text('{"arch": ')
+  msg = _err(checkpoint.read_model_config, str(tmp_path))
+  assert msg.startswith(f"{tmp_path / 'model_config.json'}: invalid JSON at line 1")
+
+
+# ---------------------------------------------------------------- shipped configs
+
+
+@pytest.mark.parametrize("name", ["pretrain_tiny", "pretrain_tiny.yaml"])
+def test_config_by_shipped_name_from_any_directory(tmp_path, monkeypatch, name):
+  from rl_jax import cli
+
+  monkeypatch.chdir(tmp_path)
+  with open(CONFIGS / "pretrain_tiny.yaml") as f:  # the reference: the shipped file read directly
+    want = C.from_dict(RunConfig, {**yaml.safe_load(f), "run_dir": "r"})
+  args = cli.build_parser().parse_args(["pretrain", "--config", name, "--run-dir", "r"])
+  assert cli._run_config(args) == want
+  assert want.train.steps == 300 and want.model == {"preset": "tiny-moe", "moe_capacity_factor": 2.0}
+  (tmp_path / "pretrain_tiny.yaml").write_text("train: {steps: 7}\n")  # a file in the cwd wins over the name
+  assert C.load_run_config("pretrain_tiny.yaml").train.steps == 7
+
+
+def test_unknown_config_name_lists_shipped(tmp_path, monkeypatch, capsys):
+  from rl_jax import cli
+
+  monkeypatch.chdir(tmp_path)
+  stems = [p.stem for p in CONFIGS.glob("*.yaml")] + [f"pipelines/{p.stem}" for p in CONFIGS.glob("pipelines/*")]
+  shipped = ", ".join(sorted(stems))
+  assert "extend_tiny, pretrain_tiny" in shipped
+  msg = _err(C.load_run_config, "pretrain_tny")
+  assert msg == f"config file not found: pretrain_tny (did you mean 'pretrain_tiny'? shipped configs: {shipped})"
+  assert cli.main(["pretrain", "--config", "zzz"]) == 2
+  assert capsys.readouterr().err == f"error: config file not found: zzz (shipped configs: {shipped})\n"

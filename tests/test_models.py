@@ -9,6 +9,7 @@ import pytest
 
 from rl_jax import models
 from rl_jax.models.config import ModelConfig, RopeConfig, from_dict, preset
+from rl_jax.models.configlib import ConfigError
 from rl_jax.models.moe import dispatch_buckets, dispatch_capacity, dispatch_dropless, dispatch_gather, route
 
 TINY_DS = preset(
@@ -211,14 +212,23 @@ def test_dense_presets_eval_shape(name, total):
 
 
 def test_config_errors_are_one_line_and_named():
-  with pytest.raises(ValueError, match="unknown model config key 'hiden_size' \\(did you mean 'hidden_size'\\?\\)"):
+  # Built through the shared strict loader: types and literals are checked, not only validate()'s ranges.
+  with pytest.raises(ConfigError, match=r"^unknown config key 'hiden_size' \(did you mean 'hidden_size'\?\)$"):
     from_dict({"hiden_size": 3})
-  with pytest.raises(ValueError, match="'n_group'"):
+  with pytest.raises(ConfigError, match=r"^config key 'n_group' must divide n_routed_experts \(8\), got 3$"):
     preset("tiny-moe", n_group=3)
-  with pytest.raises(ValueError, match="'num_key_value_heads'"):
+  with pytest.raises(ConfigError, match="'num_key_value_heads'"):
     TINY_LLAMA.replace(num_key_value_heads=3)
-  with pytest.raises(ValueError, match="unknown model preset 'tiny-mo' \\(did you mean 'tiny-moe'\\?\\)"):
+  with pytest.raises(ConfigError, match=r"^unknown model preset 'tiny-mo' \(did you mean 'tiny-moe'\?\)$"):
     preset("tiny-mo")
+  with pytest.raises(ConfigError, match=r"^config key 'dtype' must be one of \['float32', 'bfloat16', 'float16'\]"):
+    preset("tiny-moe", dtype="bf16")
+  with pytest.raises(ConfigError, match=r"^config key 'num_hidden_layers' expects int, got str 'two'$"):
+    preset("tiny-moe", num_hidden_layers="two")
+  with pytest.raises(ConfigError, match=r"^config key 'rope.type' must be one of \['default', 'yarn', 'llama3'\]"):
+    preset("tiny-moe", rope={"type": "linear"})
+  # a rope override merges into the preset's rope instead of replacing it
+  assert preset("tiny-moe", rope={"theta": 500.0}).rope == RopeConfig(theta=500.0, interleave=True)
 
 
 def test_from_hf_reads_legacy_rope_scaling():
