@@ -1,10 +1,13 @@
 """Greedy decoding throughput, rl_jax vs transformers `generate`, on the same weights, side by side.
 
     python benchmarks/sample_vs_hf.py                      # defaults: ~2.5 min on one CPU core
-    python benchmarks/sample_vs_hf.py --hidden 256 --layers 8 --batches 1,16,64 --threads 4
+    python benchmarks/sample_vs_hf.py --hidden 256 --layers 8 --batches 1,16,64 --threads 2
 
-Both run fp32, greedy, no EOS (every row decodes exactly --new-tokens), on one CPU thread each by default
-(--threads N > 1: torch gets N threads, XLA its default pool of all cores). Models: a DeepSeek-V3 (MLA +
+Both run fp32, greedy, no EOS (every row decodes exactly --new-tokens), in one process pinned to --threads
+CPU cores (default 1: os.sched_setaffinity before torch or jax start a thread, so every thread of both
+shares that core; torch.set_num_threads(1); XLA without its multi-threaded Eigen). Each timed region also
+reports process CPU time / wall time: ~1.0 means one busy core; above 1.2 more than one core ran (a
+warning is printed), below 0.8 other work shared the core. Models: a DeepSeek-V3 (MLA +
 DeepSeekMoE, YaRN, router bias) and a Llama-3 (GQA), built with transformers' own classes from random
 weights (embed and lm_head scaled so greedy argmaxes are rarely near-ties), saved, and loaded into rl_jax
 with `models.load_hf`. Prompts are random tokens of exactly --prompt-len (equal lengths: no padding on
@@ -33,7 +36,8 @@ def parse_args(argv=None):
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--vocab", type=int, default=4096)
   ap.add_argument("--experts", type=int, default=16, help="DeepSeek-V3 routed experts (top-2, 4 groups)")
-  ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 also pins XLA to one thread")
+  ap.add_argument("--threads", type=int, default=1, help="cores to pin to and torch threads; 1: XLA single-threaded")
+  ap.add_argument("--cores", default="", help="comma list of cores to pin to (default: the last --threads allowed)")
   ap.add_argument(
     "--hf-cache",
     default="dynamic",
@@ -43,11 +47,20 @@ def parse_args(argv=None):
   return ap.parse_args(argv)
 
 
+def pin_cores(a) -> list[int]:
+  """Pins this process to --threads cores; threads started later (torch's, XLA's pools) inherit the mask."""
+  allowed = sorted(os.sched_getaffinity(0))
+  cores = [int(c) for c in a.cores.split(",")] if a.cores else allowed[-a.threads :]
+  if len(cores) != a.threads or not set(cores) <= set(allowed):
+    raise SystemExit(f"--cores {cores}: need {a.threads} of the allowed cores {allowed}")
+  os.sched_setaffinity(0, cores)
+  return cores
+
+
 ARGS = parse_args()
+CORES = pin_cores(ARGS)
 if ARGS.threads == 1:  # before jax is imported: XLA reads its flags once
-  os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  ).strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -158,27 +171,52 @@ def ours_cache_per_token_layer(model) -> int:
 
 
 # ------------------------------------------------------------------ timing
-def time_hf(model, prompts: np.ndarray, a) -> tuple[float, np.ndarray]:
+class Clock:
+  """Wall time and process CPU time (all threads) of a region."""
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+    return self
+
+  def __exit__(self, *exc):
+    self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+  @property
+  def cpu_per_wall(self) -> float:
+    return self.cpu / self.wall
+
+
+def check_threads(side: str, clock: Clock, a) -> None:
+  """Says loudly when a timed region used more cores than it was given."""
+  if clock.cpu_per_wall > 1.2 * a.threads:
+    print(
+      f"WARNING: {side} used {clock.cpu_per_wall:.2f} cores on average (cpu/wall) but was given {a.threads}: "
+      "the comparison is not thread-for-thread",
+      file=sys.stderr,
+      flush=True,
+    )
+
+
+def time_hf(model, prompts: np.ndarray, a) -> tuple[Clock, np.ndarray]:
   ids = torch.tensor(prompts, dtype=torch.long)
   kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, cache_implementation=a.hf_cache)
   with torch.no_grad():
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
-    t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
-    dt = time.perf_counter() - t0
-  return dt, out[:, prompts.shape[1] :].numpy()
+    with Clock() as clock:
+      out = model.generate(ids, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, **kw)
+  check_threads("transformers", clock, a)
+  return clock, out[:, prompts.shape[1] :].numpy()
 
 
-def time_ours(model, prompts: np.ndarray, a) -> tuple[float, float, np.ndarray]:
+def time_ours(model, prompts: np.ndarray, a) -> tuple[Clock, float, np.ndarray]:
   rows = [list(map(int, p)) for p in prompts]
-  t0 = time.perf_counter()
-  generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)  # compile + run
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  res = generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)
-  dt = time.perf_counter() - t0
+  with Clock() as first:
+    generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)  # compile + run: the warm-up
+  with Clock() as clock:
+    res = generate(model, rows, max_new_tokens=a.new_tokens, temperature=0.0)
   assert (res.lengths == a.new_tokens).all()
-  return dt, max(0.0, first - dt), res.tokens
+  check_threads("rl_jax", clock, a)
+  return clock, max(0.0, first.wall - clock.wall), res.tokens
 
 
 def agreement(ours: np.ndarray, hf: np.ndarray) -> float:
@@ -190,7 +228,8 @@ def agreement(ours: np.ndarray, hf: np.ndarray) -> float:
 
 def main(a) -> list[dict]:
   rows, caches = [], []
-  device = f"{jax.devices()[0].device_kind}, {a.threads} thread(s)"
+  device = f"{jax.devices()[0].device_kind}, {a.threads} thread(s) pinned to core(s) {CORES}"
+  load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
     for kind in a.models.split(","):
       path = os.path.join(tmp, kind)
@@ -207,8 +246,9 @@ def main(a) -> list[dict]:
       )
       for b in (int(x) for x in a.batches.split(",")):
         prompts = np.random.RandomState(b).randint(3, a.vocab, size=(b, a.prompt_len))
-        hf_s, hf_tok = time_hf(hf, prompts, a)
-        our_s, compile_s, our_tok = time_ours(ours, prompts, a)
+        hf_clock, hf_tok = time_hf(hf, prompts, a)
+        our_clock, compile_s, our_tok = time_ours(ours, prompts, a)
+        hf_s, our_s = hf_clock.wall, our_clock.wall
         n = b * a.new_tokens
         rows.append(
           {
@@ -221,6 +261,8 @@ def main(a) -> list[dict]:
             "hf_tokens_per_s": round(n / hf_s, 1),
             "ours_tokens_per_s": round(n / our_s, 1),
             "speedup": round(hf_s / our_s, 2),
+            "hf_cpu_per_wall": round(hf_clock.cpu_per_wall, 2),
+            "ours_cpu_per_wall": round(our_clock.cpu_per_wall, 2),
             "ours_compile_s": round(compile_s, 1),
             "greedy_agreement": round(agreement(our_tok, hf_tok), 3),
             "hf_cache": a.hf_cache,
@@ -231,16 +273,19 @@ def main(a) -> list[dict]:
 
   print(
     f"\nGreedy decoding, fp32, prompt {a.prompt_len} + {a.new_tokens} new tokens, {device}; "
-    f"transformers {__import__('transformers').__version__} ({a.hf_cache} cache), jax {jax.__version__}\n"
+    f"transformers {__import__('transformers').__version__} ({a.hf_cache} cache), jax {jax.__version__}; "
+    f"1-min load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end\n"
   )
   print(
-    "| model | params | batch | HF tokens/s | rl_jax tokens/s | rl_jax / HF | rl_jax compile s | greedy agreement |"
+    "| model | params | batch | HF tokens/s | rl_jax tokens/s | rl_jax / HF | HF cpu/wall | rl_jax cpu/wall "
+    "| rl_jax compile s | greedy agreement |"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
       f"| {r['model']} | {r['params_m']}M | {r['batch']} | {r['hf_tokens_per_s']} | {r['ours_tokens_per_s']} | "
-      f"{r['speedup']}x | {r['ours_compile_s']} | {r['greedy_agreement']:.3f} |"
+      f"{r['speedup']}x | {r['hf_cpu_per_wall']:.2f} | {r['ours_cpu_per_wall']:.2f} | {r['ours_compile_s']} | "
+      f"{r['greedy_agreement']:.3f} |"
     )
   print(
     "\nKV cache, numbers per token per layer (MLA: kv_lora + rope key), measured on each side's cache; "
