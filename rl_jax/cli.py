@@ -323,12 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=cmd_pipeline)
 
   p = sub.add_parser("bench", help="benchmarks: train (MFU) or sample (tokens/s)")
-  p.add_argument("what", choices=["train", "sample"])
-  _add_run_args(p)
-  p.add_argument("--steps", type=int, default=5, help="timed train steps")
-  p.add_argument("--presets", default="tiny-moe,small-moe", help="sample: model presets")
-  p.add_argument("--batches", default="1,16,64", help="sample: batch sizes")
-  p.add_argument("--new-tokens", type=int, default=256)
+  what = p.add_subparsers(dest="what", required=True)  # each its own options, in any order with overrides
+  q = what.add_parser("train", help="train-step time, tokens/s and MFU of a run config")
+  _add_run_args(q)
+  q.add_argument("--steps", type=int, default=5, help="timed train steps")
+  q = what.add_parser("sample", help="sampler tokens/s by preset and batch size")
+  q.add_argument("--presets", default="tiny-moe,small-moe", help="model presets")
+  q.add_argument("--batches", default="1,16,64", help="batch sizes")
+  q.add_argument("--new-tokens", type=int, default=256)
   p.set_defaults(fn=cmd_bench)
   return ap
 

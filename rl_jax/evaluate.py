@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -71,3 +72,101 @@ def summarize(samples_per_problem: Sequence[Sequence[dict[str, Any]]], k: int | 
     "mean_response_tokens": mean([float(x.get("tokens", 0)) for x in flat]),
     "reflection_rate": reflection_rate([x.get("text", "") for x in flat]),
   }
+
+
+# ------------------------------------------------------------------ evaluating a model
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_LAST_EXPR = re.compile(r"[\d\s+\-*/().]*\d[\d\s+\-*/().]*")
+
+
+def lenient_answer(text: str, kind: str) -> str | None:
+  """The answer taken from anywhere in a completion: the last <answer> block if there is one, else the last
+  number (the last arithmetic expression for countdown, the last \\boxed{} for math)."""
+  if "<answer>" in text and "</answer>" in text[text.rfind("<answer>") :]:
+    start = text.rfind("<answer>") + len("<answer>")
+    return text[start : text.find("</answer>", start)]
+  if kind == "math" and "\\boxed{" in text:
+    return text[text.rfind("\\boxed{") :]
+  pattern = _LAST_EXPR if kind == "countdown" else _LAST_NUMBER
+  found = [m.group(0).strip() for m in pattern.finditer(text) if m.group(0).strip()]
+  return found[-1] if found else None
+
+
+def evaluate_model(model, tok, problems, *, k: int, template: str, max_new_tokens: int, max_prompt_len: int = 512,
+                   temperature: float = 0.6, top_p: float = 0.95, seed: int = 0, think_prefix: str = "",
+                   pool=None) -> dict[str, Any]:  # fmt: skip
+  """R1's protocol on `problems`: k samples each at (temperature, top_p), scored strictly (answer in the last
+  <answer> block) and leniently (answer anywhere), summarised by `summarize`."""
+  from rl_jax import rewards as R
+  from rl_jax import rollout
+
+  spec = R.RewardSpec(weights={"accuracy": 1.0, "format": 1.0}, think_prefix=think_prefix)
+  ro = rollout.rollout(
+    model, tok, problems, group_size=k, template=template, max_prompt_len=max_prompt_len,
+    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, spec=spec, pool=pool,
+  )  # fmt: skip
+  answers = [lenient_answer(t, p["kind"]) for t, p in zip(ro.texts, ro.problems)]
+  wrapped = [f"<answer>{a}</answer>" if a is not None else "" for a in answers]
+  _, lenient = R.score_batch(wrapped, ro.problems, R.RewardSpec(weights={"accuracy": 1.0}), pool=pool)
+  strict = [R.extract_answer(t) for t in ro.texts]
+  samples = [
+    {
+      "correct": bool(ro.components["accuracy"][i]),
+      "answer": strict[i],
+      "lenient_correct": bool(lenient["accuracy"][i]),
+      "format": float(ro.components["format"][i]),
+      "tokens": int(ro.result.lengths[i]),
+      "text": ro.texts[i],
+    }
+    for i in range(len(ro.texts))
+  ]
+  out = summarize([samples[i : i + k] for i in range(0, len(samples), k)], k)
+  out["examples"] = [{"prompt": p["prompt"], "completion": s["text"]} for p, s in zip(ro.problems[::k], samples[::k])][
+    :5
+  ]
+  return out
+
+
+def default_task(meta: dict[str, Any]) -> str:
+  """The task a checkpoint was trained on, from its meta: a GRPO run's task, or the procedural kind of a
+  pretraining corpus (the R1-Zero corpus teaches chain sums)."""
+  rc = meta.get("run_config") or {}
+  if meta.get("stage") == "grpo":
+    return rc["grpo"]["task"]
+  source = (rc.get("data") or {}).get("source", "")
+  kind = source.split(":", 1)[1] if source.startswith("procedural:") else None
+  from rl_jax.data import procedural
+
+  if kind == "r1zero":
+    return "chain"
+  if kind in procedural.PROBLEM_KINDS:
+    return kind
+  raise ValueError(f"cannot tell which task the checkpoint was trained on (data.source={source!r}); pass --task")
+
+
+def run_eval(checkpoint: str, *, task: str | None = None, num_problems: int = 100, k: int = 4, seed: int = 0,
+             temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
+             template: str | None = None) -> dict[str, Any]:  # fmt: skip
+  """`rl-jax eval`: restores the checkpoint onto the current devices and evaluates held-out problems (the
+  test split: never trained on, by problem text); `seed` picks which ones."""
+  from rl_jax import checkpoint as ckpt
+  from rl_jax import rollout
+  from rl_jax.data import tokenizer as toks
+
+  meta = ckpt.read_meta(checkpoint)
+  grpo = (meta.get("run_config") or {}).get("grpo") or {}
+  task = task or default_task(meta)
+  template = template or grpo.get("template", "r1_zero_short")
+  max_new_tokens = max_new_tokens or grpo.get("max_new_tokens", 64)
+  tok_dir = ckpt.tokenizer_dir(checkpoint)
+  if tok_dir is None:
+    raise ValueError(f"{checkpoint} has no tokenizer/ to encode prompts with")
+  model = ckpt.load_model(checkpoint, moe_capacity_factor=None)  # dropless: rows never compete for experts
+  problems = rollout.load_problems(task, "test", num_problems, seed)
+  out = evaluate_model(
+    model, toks.load(tok_dir), problems, k=k, template=template, max_new_tokens=max_new_tokens,
+    temperature=temperature, top_p=top_p, seed=seed, think_prefix="<think>" if grpo.get("think_prefix") else "",
+  )  # fmt: skip
+  info = {"checkpoint": os.path.abspath(checkpoint), "step": meta.get("step"), "task": task, "template": template}
+  info.update(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+  return {**info, **out}

@@ -10,18 +10,19 @@ Components: format (R1's tags), accuracy (math-verify, Countdown, exact match, b
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import fractions
 import multiprocessing
 import multiprocessing.connection
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import math_verify
 import numpy as np
 
 from rl_jax.data import procedural
@@ -33,7 +34,7 @@ _MAX_ANSWER_CHARS = 1000  # sympy parse cost grows fast with length; no real ans
 # ------------------------------------------------------------------- format
 
 
-def _answer(completion: str) -> str | None:
+def extract_answer(completion: str) -> str | None:
   """Text of the last <answer>...</answer> block, or None."""
   start = completion.rfind("<answer>")
   end = completion.find("</answer>", start)
@@ -71,10 +72,12 @@ def _math_text(s: str) -> str:
 def math_reward(completion: str, gold: str) -> float:
   """1.0 if the last <answer> block (a \\boxed{} inside it wins) equals `gold` symbolically (math-verify)."""
   try:
-    answer = _answer(completion)
+    answer = extract_answer(completion)
     if answer is None or not answer.strip() or len(answer) > _MAX_ANSWER_CHARS:
       return 0.0
     t = _MV_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    import math_verify  # sympy behind it: imported on first use (and preloaded in the pool's workers)
+
     gold_p = math_verify.parse(_math_text(gold), parsing_timeout=t)
     pred_p = math_verify.parse(_math_text(answer), parsing_timeout=t)
     return float(bool(gold_p and pred_p and math_verify.verify(gold_p, pred_p, timeout_seconds=t)))
@@ -85,7 +88,7 @@ def math_reward(completion: str, gold: str) -> float:
 def countdown_reward(completion: str, numbers: Sequence[int], target: int) -> float:
   """1.0 if the <answer> uses each number exactly once with + - * / ( ) and equals target exactly (ast, no eval)."""
   try:
-    answer = _answer(completion)
+    answer = extract_answer(completion)
     problem = {"kind": "countdown", "numbers": list(numbers), "target": target}
     return float(answer is not None and procedural.verify(problem, answer))
   except Exception:  # MemoryError from a huge expression, anything else odd
@@ -103,7 +106,7 @@ def _number(s: str) -> fractions.Fraction | None:
 def exact_match(completion: str, gold: str) -> float:
   """1.0 if the last <answer> equals `gold` as text or as a number ('1,000' == '1000.0'), else 0.0."""
   try:
-    answer = _answer(completion)
+    answer = extract_answer(completion)
     if answer is None or not answer.strip():
       return 0.0
     if answer.strip() == str(gold).strip():
@@ -115,14 +118,14 @@ def exact_match(completion: str, gold: str) -> float:
 
 
 def accuracy_reward(completion: str, problem: Mapping[str, Any]) -> float:
-  """The accuracy verifier of the problem's kind: arithmetic (exact match), countdown, math."""
+  """The accuracy verifier of the problem's kind: countdown, math (math-verify), else exact / numeric match."""
   kind = problem["kind"]
   if kind == "countdown":
     return countdown_reward(completion, problem["numbers"], problem["target"])
   return (math_reward if kind == "math" else exact_match)(completion, problem["answer"])
 
 
-ACCURACY_KINDS = ("arithmetic", "countdown", "math")
+ACCURACY_KINDS = ("arithmetic", "addsub", "chain", "countdown", "math")
 
 # ----------------------------------------------------------- shaping terms
 
@@ -237,6 +240,21 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     conn.send(value)
 
 
+@contextlib.contextmanager
+def _main_not_reimported():
+  """Workers need only this module: hide the caller's script from multiprocessing, so a worker does not re-run
+  a script's top-level code (a training script without an `if __name__ == "__main__":` guard would recurse)."""
+  main = sys.modules["__main__"]
+  saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+  main.__dict__.pop("__file__", None)
+  main.__spec__ = None
+  try:
+    yield
+  finally:
+    main.__dict__.pop("__spec__", None)
+    main.__dict__.update(saved)
+
+
 class VerifierPool:
   """Worker processes running verifier calls with a per-call timeout; a call past it scores 0 and its worker is
   killed and replaced, so one hung answer never blocks the rest of the batch. Not thread-safe."""
@@ -246,14 +264,15 @@ class VerifierPool:
       raise ValueError(f"VerifierPool needs at least one worker, got {workers}")
     # forkserver, not fork: the parent runs jax threads. Preloading this module makes each (re)start a cheap fork.
     self._ctx = multiprocessing.get_context("forkserver")
-    self._ctx.set_forkserver_preload([__name__])
+    self._ctx.set_forkserver_preload([__name__, "math_verify"])
     self._workers = [self._start() for _ in range(workers)]
     self.timeouts = 0  # calls killed so far
 
   def _start(self) -> tuple[Any, multiprocessing.connection.Connection]:
     conn, child = self._ctx.Pipe()
     proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
-    proc.start()
+    with _main_not_reimported():
+      proc.start()
     child.close()
     if not conn.poll(300) or conn.recv() != "ready":  # imports may be slow; only the first start pays them
       raise RuntimeError("a verifier worker did not start")
@@ -335,7 +354,8 @@ def score_batch(
   pool: VerifierPool | None = None,
   timeout_s: float = 5.0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Total reward [N] float32 and each weighted component [N] float32; `lengths` are completion tokens."""
+  """Total (weighted) reward [N] float32 and each component's raw value [N] float32; `lengths` are completion
+  tokens."""
   n = len(completions)
   if len(problems) != n:
     raise ValueError(f"{len(problems)} problems for {n} completions")

@@ -13,7 +13,7 @@ from rl_jax.train import state as S, step as ST
 from rl_jax.sharding import make_mesh
 
 assert jax.device_count() == 8, jax.devices()
-# Dropless MoE: with a capacity factor, what overflows depends on the mesh (sharding/expert_parallel.py).
+# Dropless MoE: with a capacity factor, what overflows depends on the mesh (models/moe.py).
 run = load_run_config("configs/pretrain_tiny.yaml", [
     "model.num_hidden_layers=2", "model.moe_capacity_factor=null", "train.batch_size=8", "train.seq_len=16", "train.steps=3",
     "optimizer.schedule=constant", "optimizer.warmup_steps=1", "optimizer.lr=1e-2"])

@@ -143,15 +143,14 @@ def _addsub(rng: random.Random) -> dict[str, Any]:
 
 
 def _chain(rng: random.Random) -> dict[str, Any]:
-  """A chain of 3-5 small terms added and subtracted left to right, worked as running sums."""
-  terms = [rng.randint(1, 20) for _ in range(rng.randint(3, 5))]
-  ops = [rng.choice("+-") for _ in terms[1:]]
+  """A chain of 4-8 single-digit terms, summed left to right as running totals (the quickstart's task): each
+  step is an easy fact (total + digit), while the answer in one shot needs all the terms at once."""
+  terms = [rng.randint(1, 9) for _ in range(rng.randint(4, 8))]
   total, steps = terms[0], []
-  for op, t in zip(ops, terms[1:]):
-    new = total + t if op == "+" else total - t
-    steps.append(f"{total}{op}{t}={new}")
-    total = new
-  expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(ops, terms[1:]))
+  for t in terms[1:]:
+    steps.append(f"{total}+{t}={total + t}")
+    total += t
+  expression = "+".join(map(str, terms))
   return dict(
     kind="chain", prompt=f"Q: {expression}=? A:", steps=steps, answer=str(total), target=total, expression=expression
   )
@@ -213,10 +212,10 @@ def split_of(text: str) -> str:
 # R1-Zero base corpus: the quickstart's task in several surface forms; the <think>/<answer> tags appear in a
 # minority of documents only, so RL has to discover that format (and that thinking pays) from the reward.
 R1ZERO_FRAME = "User: {q} Think in <think> </think>, answer in <answer> </answer>. Assistant:"
-R1ZERO_FORMS = (("tagged", 0.15), ("worked", 0.45), ("direct", 0.40))
+R1ZERO_FORMS = (("tagged", 0.2), ("worked", 0.3), ("direct", 0.5))
 
 
-def r1zero_document(seed: int, index: int, task: str = "addsub") -> str:
+def r1zero_document(seed: int, index: int, task: str = "chain") -> str:
   """Document `index`: a training-split `task` problem, framed as Q/A or as the R1-Zero conversation, solved in
   one of R1ZERO_FORMS (tags + worked steps; worked steps then "so the answer is"; the answer alone)."""
   for attempt in itertools.count():

@@ -27,7 +27,7 @@ TEMPLATES = {
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
     "User: {prompt}. Assistant:"
   ),
-  "r1_zero_short": "User: {prompt} Think in <think> </think>, answer in <answer> </answer>. Assistant:",
+  "r1_zero_short": procedural.R1ZERO_FRAME.replace("{q}", "{prompt}"),  # what the R1-Zero corpus frames
   "plain": "{prompt}",
 }
 
@@ -40,7 +40,7 @@ def render(problem: dict[str, Any], template: str = "plain") -> str:
   return fmt.format(prompt=problem["prompt"])
 
 
-def _bare(p: dict[str, Any]) -> dict[str, Any]:
+def bare(p: dict[str, Any]) -> dict[str, Any]:
   """A procedural problem without its worked solution: the question (strip the corpus' "A:" cue)."""
   prompt = p["prompt"].removesuffix(" A:").removeprefix("Q: ")
   out = {k: v for k, v in p.items() if k not in ("solution", "text")}
@@ -56,7 +56,7 @@ def procedural_problems(kind: str, split: str, seed: int = 0) -> Iterator[dict[s
     p = procedural.problem_at(seed, i, kind)
     i += 1
     if split_of(p["prompt"]) == split:
-      yield {**_bare(p), "id": f"{kind}/{seed}/{i - 1}"}
+      yield {**bare(p), "id": f"{kind}/{seed}/{i - 1}"}
 
 
 def take(kind: str, split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -1,0 +1,198 @@
+"""The GRPO update: one jitted function per RL step, `(state, rollout) -> (state, metrics)`.
+
+Inside it, in order: the reference model resets to the policy every `ref_reset_every` steps (R1 resets every
+400); the reference's and the current (pre-update) policy's log-probs of the rollout come from teacher-forced
+forwards; with `kl_in_reward` the sequence KL is taken off the rewards; group advantages; truncated importance
+weights min(pi_trainer / pi_sampler, tis_cap) correct the sampler/trainer numerics gap (then the trainer's own
+log-probs are the old ones, so ratios compare like with like); then `epochs` passes of `minibatches` optimizer
+steps, each accumulating gradients over `train.grad_accum` micro-batches with the loss normalised over the
+whole minibatch (rl_jax.losses.loss_denominator), so the chosen aggregation is exact under accumulation.
+Log-probs are those of logits / temperature (the distribution the sampler drew from), computed chunked over
+the sequence (never a whole [N, T, V] float32). With `routing_replay` the forwards use the experts the sampler
+chose (router scores still recomputed, so the router keeps its gradient). Router biases stay frozen in RL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rl_jax import losses
+from rl_jax.config import GRPOConfig, TrainConfig
+from rl_jax.sharding import rules as srules
+from rl_jax.train.state import TrainState
+from rl_jax.train.step import BATCH_AXIS
+
+ROLLOUT_KEYS = ("tokens", "targets", "positions", "mask", "old_logp", "rewards")
+
+
+def uses_ref(g: GRPOConfig) -> bool:
+  """A reference model is kept only when some KL term reads it."""
+  return g.beta > 0
+
+
+def token_logp(graphdef, params, bias, batch, *, temperature: float, replay: bool, remat: bool = False):
+  """(log p(target), entropy) [N, T] under logits / temperature, and the forward's routing."""
+  model = nnx.merge(graphdef, params, bias)
+  experts = None
+  if replay and "experts" in batch:
+    experts = [batch["experts"][:, :, i] for i in range(batch["experts"].shape[2])]
+  out = model.forward(batch["tokens"], positions_BT=batch["positions"], replay_experts=experts, remat=remat)
+  logp, entropy = losses.chunked_token_logprobs(model.head, out.hidden_BTD, batch["targets"], temperature=temperature)
+  return logp, entropy, out.routing
+
+
+def _masked_mean(x, mask):
+  return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def make_loss_fn(graphdef, g: GRPOConfig, train: TrainConfig) -> Callable:
+  """loss(params, bias, micro-batch, denominator) -> (loss, metrics) for one micro-batch."""
+
+  def loss_fn(params, bias, mb, denominator):
+    logp, entropy, _ = token_logp(
+      graphdef, params, bias, mb, temperature=g.temperature, replay=g.routing_replay, remat=train.remat
+    )
+    loss, m = losses.policy_loss(
+      logp, mb["old"], mb["advantages"], mb["mask"], ref_logp=mb.get("ref_logp"), loss_agg=g.loss_agg,
+      clip_low=g.clip_low, clip_high=g.clip_high, beta=0.0 if g.kl_in_reward else g.beta, kl=g.kl,
+      ratio_level=g.ratio_level, max_len=g.max_new_tokens, token_weights=mb.get("is_weight"),
+      denominator=denominator,
+    )  # fmt: skip
+    m["entropy"] = _masked_mean(jax.lax.stop_gradient(entropy), mb["mask"])
+    return loss, m
+
+  return loss_fn
+
+
+def _minibatch_update(loss_fn, tx, g: GRPOConfig):
+  """One optimizer step on a minibatch whose leaves are [A, n, T] micro-batches."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(carry, mb):
+    params, opt_state, bias = carry
+    den = losses.loss_denominator(mb["mask"].reshape(-1, mb["mask"].shape[-1]), g.loss_agg, g.max_new_tokens)
+
+    def micro(acc, x):  # each micro-batch loss is already over the minibatch's denominator: grads add up
+      (loss, m), grads = grad_fn(params, bias, x, den)
+      return jax.tree.map(jnp.add, acc, (grads, {**m, "loss": loss})), None
+
+    first = jax.tree.map(lambda x: x[0], mb)
+    shapes = jax.eval_shape(lambda x: grad_fn(params, bias, x, den), first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], {**shapes[0][1], "loss": shapes[0][0]}))
+    (grads, m), _ = jax.lax.scan(micro, zeros, mb)
+    A = mb["mask"].shape[0]
+    m = {k: v if k == "loss" else v / A for k, v in m.items()}  # loss: a sum over micro-batches by construction
+    updates, opt_state = tx.update(grads, opt_state, params)
+    m["grad_norm"] = optax.global_norm(grads)
+    return (optax.apply_updates(params, updates), opt_state, bias), m
+
+  return update
+
+
+def _reference(state: TrainState, g: GRPOConfig):
+  """The reference parameters for this step: reset to the policy when the schedule says so."""
+  if state.ref is None or not g.ref_reset_every:
+    return state.ref
+  reset = state.step % g.ref_reset_every == 0
+  return jax.tree.map(lambda r, p: jnp.where(reset, p, r), state.ref, state.params)
+
+
+def _prepare(graphdef, state: TrainState, batch, g: GRPOConfig, ref):
+  """Advantages, old log-probs, importance weights and reference log-probs for the rollout (no gradients)."""
+  mask = batch["mask"]
+  logp_of = lambda params: token_logp(graphdef, params, state.bias, batch, temperature=g.temperature,
+                                      replay=g.routing_replay)  # fmt: skip
+  old_trainer, entropy, routing = jax.tree.map(jax.lax.stop_gradient, logp_of(state.params))
+  prepared = {
+    k: batch[k] for k in ("tokens", "targets", "positions", "mask") + (("experts",) if "experts" in batch else ())
+  }
+  rewards = batch["rewards"]
+  stats = {"logp_gap": _masked_mean(jnp.abs(old_trainer - batch["old_logp"]), mask)}
+  if ref is not None:
+    ref_logp = jax.lax.stop_gradient(logp_of(ref)[0])
+    seq_kl = (losses.kl_penalty(old_trainer, ref_logp, g.kl) * mask).sum(1)
+    stats["kl_ref"] = seq_kl.sum() / jnp.maximum(mask.sum(), 1.0)
+    if g.kl_in_reward:
+      rewards = rewards - g.beta * seq_kl
+    else:
+      prepared["ref_logp"] = ref_logp
+  prepared["advantages"] = losses.group_advantages(rewards, g.group_size, scale=g.advantage)
+  if g.tis_cap is not None:
+    w = jnp.minimum(jnp.exp(old_trainer - batch["old_logp"]), g.tis_cap) * mask
+    prepared["old"], prepared["is_weight"] = old_trainer, w
+    stats["is_weight_mean"] = _masked_mean(w, mask)
+  else:
+    prepared["old"] = batch["old_logp"]
+  return prepared, stats, routing
+
+
+def make_grpo_step(graphdef, g: GRPOConfig, train: TrainConfig, tx, lr_schedule=None, n_experts: int = 0) -> Callable:
+  """The pure RL step (state, rollout arrays [N, T]) -> (state, metrics); see the module docstring."""
+  update = _minibatch_update(make_loss_fn(graphdef, g, train), tx, g)
+  M, A = g.minibatches, train.grad_accum
+
+  def step(state: TrainState, batch):
+    ref = _reference(state, g)
+    prepared, stats, routing = _prepare(graphdef, state, batch, g, ref)
+    N = prepared["mask"].shape[0]
+    carry = (state.params, state.opt_state, state.bias)
+    metrics = []
+    for epoch in range(g.epochs):  # EPOCHS x MINIBATCHES (static, small)
+      order = jnp.arange(N)
+      if M > 1:
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(train.seed), state.step), epoch)
+        order = jax.random.permutation(key, N)
+      shaped = jax.tree.map(lambda x, order=order: x[order].reshape((M, A, N // (M * A)) + x.shape[1:]), prepared)
+      carry, m = jax.lax.scan(update, carry, shaped)
+      metrics.append(m)
+    params, opt_state, _ = carry
+    m = jax.tree.map(lambda *xs: jnp.concatenate(xs).mean(), *metrics)
+    m.update(stats, param_norm=optax.global_norm(params))
+    if lr_schedule is not None:
+      m["lr"] = jnp.asarray(lr_schedule(state.step * g.epochs * M), jnp.float32)
+    if routing and n_experts:
+      load = jnp.stack([losses.expert_load(r.experts_TK, batch["mask"], n_experts) for r in routing])
+      m["load_imbalance"] = (load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).mean()
+    return TrainState(state.step + 1, params, state.bias, opt_state, ref), m
+
+  return step
+
+
+def check_rollout_batch(g: GRPOConfig, train: TrainConfig, mesh) -> None:
+  """Rows split into minibatches, micro-batches and the mesh's batch shards evenly."""
+  N = g.prompts_per_step * g.group_size
+  if N % (g.minibatches * train.grad_accum):
+    raise ValueError(
+      f"grpo.prompts_per_step x grpo.group_size = {N} rows must divide by grpo.minibatches x train.grad_accum "
+      f"({g.minibatches} x {train.grad_accum})"
+    )
+  shards = srules.shard_count(BATCH_AXIS, mesh=mesh)
+  if N % shards:
+    raise ValueError(f"{N} rollout rows per step do not split over the mesh's {shards} batch shards")
+
+
+def build_grpo_step(graphdef, g, train, tx, mesh, shardings, lr_schedule=None, n_experts: int = 0) -> Callable:
+  """`make_grpo_step` jitted once: rows split like activation rows, the state donated."""
+  check_rollout_batch(g, train, mesh)
+  rows = NamedSharding(mesh, srules.logical_to_spec((BATCH_AXIS,), mesh=mesh))
+  fn = jax.jit(
+    make_grpo_step(graphdef, g, train, tx, lr_schedule, n_experts),
+    in_shardings=(shardings, rows),  # a prefix: every rollout array splits its rows
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+    donate_argnums=0,
+  )
+  return fn
+
+
+def place_rollout(arrays: dict[str, np.ndarray], mesh) -> dict:
+  """Host rollout arrays (this process's rows) -> global arrays split by rows."""
+  rows = NamedSharding(mesh, srules.logical_to_spec((BATCH_AXIS,), mesh=mesh))
+  return {k: jax.make_array_from_process_local_data(rows, v) for k, v in arrays.items()}
