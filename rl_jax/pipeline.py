@@ -156,7 +156,7 @@ def write_report(result: dict[str, Any]) -> dict[str, Any]:
     summary.setdefault("task", evals[name]["task"])
   with open(os.path.join(run_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  plots = [_plot_rl(run_dir, s.name) for s in pipe.stages if s.command == "grpo"]
+  plots = [_plot_rl(run_dir, s.name, _start_eval(pipe, evals, s)) for s in pipe.stages if s.command == "grpo"]
   lines = ["# Pipeline report", "", f"Run directory: `{run_dir}`", ""]
   lines += ["| stage | checkpoint step | pass@1 | pass@1 (lenient) | cons@k | format rate | response tokens |"]
   lines += ["|---|---|---|---|---|---|---|"]
@@ -175,11 +175,26 @@ def write_report(result: dict[str, Any]) -> dict[str, Any]:
   return summary
 
 
-def _plot_rl(run_dir: str, stage: str) -> str | None:
+def _start_eval(pipe: Pipeline, evals: dict, stage: Stage) -> dict | None:
+  """The eval of the checkpoint a GRPO stage started from (its step-0 point), if the pipeline has one."""
+  for s in pipe.stages:
+    if s.command == "eval" and s.checkpoint == stage.init and s.name in evals:
+      return evals[s.name]
+  return None
+
+
+def _plot_rl(run_dir: str, stage: str, start: dict | None = None) -> str | None:
   from rl_jax import report
 
   rows = report.read_metrics(os.path.join(run_dir, stage))
-  panels = [("reward", "reward (train)"), ("eval_pass@1", "held-out pass@1"), ("response_len_mean", "response tokens")]
+  held_out = ("pass@1", "pass@1_lenient", "format_rate")
+  if start is not None:  # the starting checkpoint's held-out eval, at RL step 0
+    rows = [{"step": 0, **{f"eval_{k}": start[k] for k in held_out}}, *rows]
+  panels = [
+    ("reward", "reward (train)"),
+    ("eval_pass@1", "held-out (temperature 0.6)"),
+    ("response_len_mean", "response tokens"),
+  ]
   panels = [(k, t) for k, t in panels if any(k in r for r in rows)]
   if not panels:
     return None
@@ -190,8 +205,13 @@ def _plot_rl(run_dir: str, stage: str) -> str | None:
 
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
   for ax, (k, title) in zip(axes[0], panels):
-    pts = [(r["step"], r[k]) for r in rows if k in r]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if k.startswith("eval") else None, ms=3)
+    for key in [f"eval_{h}" for h in held_out] if k.startswith("eval") else [k]:
+      pts = [(r["step"], r[key]) for r in rows if key in r]
+      ax.plot(
+        [p[0] for p in pts], [p[1] for p in pts], marker="o" if k.startswith("eval") else None, ms=3, label=key[5:]
+      )
+    if k.startswith("eval"):
+      ax.legend(fontsize=8)
     ax.set(title=title, xlabel="RL step")
     ax.grid(alpha=0.3)
   fig.tight_layout()

@@ -143,9 +143,9 @@ def _addsub(rng: random.Random) -> dict[str, Any]:
 
 
 def _chain(rng: random.Random) -> dict[str, Any]:
-  """A chain of 4-8 single-digit terms, summed left to right as running totals (the quickstart's task): each
+  """A chain of 3-6 single-digit terms, summed left to right as running totals (the quickstart's task): each
   step is an easy fact (total + digit), while the answer in one shot needs all the terms at once."""
-  terms = [rng.randint(1, 9) for _ in range(rng.randint(4, 8))]
+  terms = [rng.randint(1, 9) for _ in range(rng.randint(3, 6))]
   total, steps = terms[0], []
   for t in terms[1:]:
     steps.append(f"{total}+{t}={total + t}")
@@ -212,7 +212,7 @@ def split_of(text: str) -> str:
 # R1-Zero base corpus: the quickstart's task in several surface forms; the <think>/<answer> tags appear in a
 # minority of documents only, so RL has to discover that format (and that thinking pays) from the reward.
 R1ZERO_FRAME = "User: {q} Think in <think> </think>, answer in <answer> </answer>. Assistant:"
-R1ZERO_FORMS = (("tagged", 0.2), ("worked", 0.3), ("direct", 0.5))
+R1ZERO_FORMS = (("tagged", 0.15), ("worked", 0.45), ("direct", 0.40))
 
 
 def r1zero_document(seed: int, index: int, task: str = "chain") -> str:
