@@ -78,6 +78,8 @@ def save_model(
 def copy_tokenizer(src: str, dst: str) -> None:
   from rl_jax.models.hf import copy_tokenizer_files
 
+  if os.path.realpath(src) == os.path.realpath(dst):  # a resumed run's tokenizer is already in place
+    return
   os.makedirs(dst, exist_ok=True)
   copy_tokenizer_files(src, dst)
 

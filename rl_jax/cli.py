@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", help="R1's evaluation protocol on held-out problems: pass@1, cons@k, format rate")
   p.add_argument("--checkpoint", required=True)
-  p.add_argument("--task", help="procedural kind or .jsonl file (default: the one the checkpoint trained on)")
+  p.add_argument("--task", help="procedural kind, .jsonl file, rg:NAME or tfds:NAME (default: the checkpoint's)")
   p.add_argument("--num-problems", type=int, default=100)
   p.add_argument("--k", type=int, default=4, help="samples per problem")
   p.add_argument("--seed", type=int, default=0, help="picks the held-out problems and the samples")
@@ -336,10 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  # key=value overrides may come in several runs between options (argparse takes only the first run)
+  stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+  if stray:
+    parser.error(f"unrecognized arguments: {' '.join(stray)}")
+  if extra:
+    args.overrides = [*args.overrides, *extra]
   try:
     args.fn(args)
-  except (ValueError, FileNotFoundError) as e:  # config / checkpoint / data errors: one line, no traceback
+  except (ValueError, FileNotFoundError, ImportError) as e:  # config / checkpoint / data / extra: one line
     print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
     return 2
   return 0

@@ -190,7 +190,7 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class GRPOConfig:
   algorithm: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "grpo"  # presets for the keys below (ALGORITHMS)
-  task: str = "chain"  # a procedural task kind (rl_jax/data/procedural.py) or a GSM8K/MATH-style .jsonl path
+  task: str = "chain"  # procedural kind, GSM8K/MATH-style .jsonl, rg:NAME[:CONFIG] (reasoning-gym) or tfds:NAME[:SPLIT]
   template: str = "r1_zero_short"  # prompt template name (rl_jax/data/tasks.py) or a string with {prompt}
   think_prefix: bool = False  # the template ends by opening <think>: the format reward counts it
   prompts_per_step: int = 16  # questions per RL step

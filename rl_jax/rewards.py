@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from rl_jax.data import procedural
+from rl_jax.data import procedural, tasks
 
 COMPONENTS = ("format", "accuracy", "language", "overlong", "repetition")
 _MV_TIMEOUT_S = 5  # math-verify's own (signal-based) guard: main thread only
@@ -117,15 +117,27 @@ def exact_match(completion: str, gold: str) -> float:
     return 0.0
 
 
+def reasoning_gym_reward(completion: str, problem: Mapping[str, Any]) -> float:
+  """reasoning-gym's own scorer of the problem's dataset on the last <answer> block (0.0 without one)."""
+  try:
+    answer = extract_answer(completion)
+    return 0.0 if answer is None else tasks.reasoning_gym_score(answer.strip(), dict(problem))
+  except Exception:  # a scorer choking on odd model output
+    return 0.0
+
+
 def accuracy_reward(completion: str, problem: Mapping[str, Any]) -> float:
-  """The accuracy verifier of the problem's kind: countdown, math (math-verify), else exact / numeric match."""
+  """The accuracy verifier of the problem's kind: countdown, math (math-verify), reasoning-gym's scorers, else
+  exact / numeric match."""
   kind = problem["kind"]
   if kind == "countdown":
     return countdown_reward(completion, problem["numbers"], problem["target"])
+  if kind == "reasoning_gym":
+    return reasoning_gym_reward(completion, problem)
   return (math_reward if kind == "math" else exact_match)(completion, problem["answer"])
 
 
-ACCURACY_KINDS = ("arithmetic", "addsub", "chain", "countdown", "math")
+ACCURACY_KINDS = ("arithmetic", "addsub", "chain", "countdown", "math", "reasoning_gym")
 
 # ----------------------------------------------------------- shaping terms
 
@@ -264,7 +276,7 @@ class VerifierPool:
       raise ValueError(f"VerifierPool needs at least one worker, got {workers}")
     # forkserver, not fork: the parent runs jax threads. Preloading this module makes each (re)start a cheap fork.
     self._ctx = multiprocessing.get_context("forkserver")
-    self._ctx.set_forkserver_preload([__name__, "math_verify"])
+    self._ctx.set_forkserver_preload([__name__, "math_verify", "reasoning_gym"])  # missing ones are skipped
     self._workers = [self._start() for _ in range(workers)]
     self.timeouts = 0  # calls killed so far
 

@@ -23,28 +23,47 @@ from rl_jax.data import procedural, tasks
 from rl_jax.data import tokenizer as toks
 
 
-def load_problems(task: str, split: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-  """`n` problems of `split`: a procedural kind (rl_jax/data/procedural.py) or a GSM8K/MATH-style .jsonl
-  file, split by a hash of each problem's text like the procedural tasks."""
-  if task.endswith(".jsonl"):
-    rows = [p for p in tasks.load_jsonl(task) if tasks.split_of(p["prompt"]) == split]
+def load_problems(task: str, split: str, n: int, seed: int = 0, *, data_dir: str | None = None) -> list[dict[str, Any]]:
+  """`n` problems of `split`: a procedural kind (rl_jax/data/procedural.py), a GSM8K/MATH-style .jsonl file, a
+  reasoning-gym dataset `rg:NAME[:CONFIG]` or a prepared TFDS dataset `tfds:NAME[:SPLIT]` (in `data_dir`, else
+  TFDS's default); all split by a hash of each problem's text like the procedural tasks."""
+  if task.startswith("rg:"):
+    return tasks.ReasoningGymTask(task, seed).take(split, n)
+  if task.endswith(".jsonl") or task.startswith("tfds:"):
+    rows = _fixed_problems(task, split, data_dir)
     random.Random(f"{seed}/{split}").shuffle(rows)
     return rows[:n]
   if task not in procedural.PROBLEM_KINDS:
-    raise ValueError(f"unknown task {task!r}: a procedural kind {procedural.PROBLEM_KINDS} or a .jsonl file")
+    raise ValueError(
+      f"unknown task {task!r}: a procedural kind {procedural.PROBLEM_KINDS}, a .jsonl file, rg:NAME or tfds:NAME"
+    )
   return tasks.take(task, split, n, seed)
+
+
+def _fixed_problems(task: str, split: str, data_dir: str | None) -> list[dict[str, Any]]:
+  """A file's or a TFDS dataset's problems of `split`. `tfds:NAME` reads NAME's split `split` as prepared;
+  `tfds:NAME:SPLIT` reads SPLIT as one pool and keeps what hashes into `split`, as for a .jsonl file."""
+  if task.startswith("tfds:"):
+    name, pool = tasks.parse_tfds_task(task)
+    rows = tasks.read_array_record(name, pool or split, data_dir)
+    if pool is None:
+      return rows
+  else:
+    rows = tasks.load_jsonl(task)
+  return [p for p in rows if tasks.split_of(p["prompt"]) == split]
 
 
 class PromptSource:
   """An endless, checkpointable stream of a task's training problems (`get_state` / `set_state` as the run
   skeleton expects of a data iterator)."""
 
-  def __init__(self, task: str, seed: int = 0):
+  def __init__(self, task: str, seed: int = 0, *, data_dir: str | None = None):
     self.task, self.seed, self.index = task, seed, 0
-    self._fixed = load_problems(task, "train", 10**9, seed) if task.endswith(".jsonl") else None
+    fixed = task.endswith(".jsonl") or task.startswith("tfds:")
+    self._fixed = load_problems(task, "train", 10**9, seed, data_dir=data_dir) if fixed else None
     if self._fixed == []:
       raise ValueError(f"{task}: no training problems (every line hashed into the held-out split?)")
-    self._stream = None
+    self._rg = tasks.ReasoningGymTask(task, seed) if task.startswith("rg:") else None
 
   def take(self, n: int) -> list[dict[str, Any]]:
     out = [self._at(self.index + i) for i in range(n)]
@@ -54,6 +73,8 @@ class PromptSource:
   def _at(self, i: int) -> dict[str, Any]:
     if self._fixed is not None:
       return self._fixed[i % len(self._fixed)]
+    if self._rg is not None:
+      return self._rg.at("train", i)  # random access too
     p = procedural.problem_at(self.seed, i, self.task)  # random access: resumes exactly
     while tasks.split_of(p["prompt"].removeprefix("Q: ").removesuffix(" A:")) != "train":
       i += 1_000_003  # a held-out problem: take a deterministic stand-in from far along the stream
@@ -106,7 +127,15 @@ class Rollout:
 def concat(parts: Sequence[Rollout]) -> Rollout:
   if len(parts) == 1:
     return parts[0]
-  cat = lambda xs: None if xs[0] is None else np.concatenate(xs)
+
+  def cat(xs):  # rounds may differ in their longest prompt: prompt_experts are zero-padded to the longest
+    if xs[0] is None:
+      return None
+    if xs[0].ndim > 1:
+      width = max(x.shape[1] for x in xs)
+      xs = [np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2)) for x in xs]
+    return np.concatenate(xs)
+
   fields = zip(*(p.result for p in parts))
   return Rollout(
     [x for p in parts for x in p.problems],

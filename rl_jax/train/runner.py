@@ -141,11 +141,18 @@ def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hoo
     for step in range(ctx.start + 1, last + 1):
       ctx.state, metrics = step_fn(ctx.state, next(batches))
       if pending is not None:  # the previous step's metrics: the device already has this step to run
-        _call(on_metrics, ctx, *pending, last)
+        done, pending = pending, None
+        _call(on_metrics, ctx, *done, last)
       pending = (step, metrics)
       _call(on_state, ctx, step, metrics, last)
     if pending is not None:
-      _call(on_metrics, ctx, *pending, last)
+      done, pending = pending, None
+      _call(on_metrics, ctx, *done, last)
+  except BaseException:
+    if pending is not None:  # a crash in the next step: the finished step's row is not lost (best effort)
+      with contextlib.suppress(Exception):
+        _call(on_metrics, ctx, *pending, last)
+    raise
   finally:
     ctx.writer.close()
 
