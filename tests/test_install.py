@@ -82,8 +82,11 @@ def test_plain_install_runs_from_another_directory(tmp_path):
   code = """
 import json, rl_jax, rl_jax.models.config as mc
 from rl_jax.config import load_run_config
+from rl_jax import pipeline
+quick = pipeline.load("pipelines/r1_zero_tiny")  # the main job's pipeline and every stage config it names
+stages = {s.name: load_run_config(s.config).train.steps for s in quick.stages if s.config}
 print(json.dumps({"rl_jax": rl_jax.__file__, "models": mc.__file__, "presets": [str(p) for p in mc.PRESET_DIR.glob("*.yaml")],
-                  "steps": load_run_config("pretrain_tiny").train.steps}))
+                  "steps": load_run_config("pretrain_tiny").train.steps, "quickstart": stages}))
 """
   info = json.loads(_run([py, "-c", code], elsewhere, env).stdout.strip().splitlines()[-1])
   for key in ("rl_jax", "models"):
@@ -93,3 +96,4 @@ print(json.dumps({"rl_jax": rl_jax.__file__, "models": mc.__file__, "presets": [
   assert all(Path(p).is_relative_to(purelib / "rl_jax" / "configs") for p in info["presets"])
   assert info["steps"] == C.load_run_config(REPO / "configs" / "pretrain_tiny.yaml").train.steps
   assert not (purelib / "models").exists() and not (purelib / "sharding").exists()  # nothing at top level
+  assert set(info["quickstart"]) == {"base", "rl"} and min(info["quickstart"].values()) > 0

@@ -28,6 +28,8 @@ def test_render_templates():
   p = {"prompt": "2+2=?"}
   assert tasks.render(p, "r1_zero").endswith("User: 2+2=?. Assistant:")
   assert tasks.render(p, "Q: {prompt} A:") == "Q: 2+2=? A:"
+  assert tasks.render(p, "chatml") == "<|im_start|>user\n2+2=?<|im_end|>\n<|im_start|>assistant\n"
+  assert tasks.render(p, "deepseek_r1").endswith("<｜User｜>2+2=?<｜Assistant｜><think>\n")
   with pytest.raises(ValueError, match="unknown template"):
     tasks.render(p, "r1-zero")
 

@@ -35,6 +35,10 @@ TEMPLATES = {
   ),
   "r1_zero_short": procedural.R1ZERO_FRAME.replace("{q}", "{prompt}"),  # what the R1-Zero corpus frames
   "plain": "{prompt}",
+  # Chat formats of released models (one user turn, the assistant's turn opened): Qwen2.5's ChatML, and
+  # DeepSeek-R1's, whose template pre-fills "<think>\n" (score its completions with think_prefix).
+  "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+  "deepseek_r1": "<｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜><think>\n",
 }
 
 
