@@ -3,8 +3,9 @@
 Every verifier takes the completion text (without the prompt) and returns a float; none raises on model output
 (anything malformed scores 0.0). `score_batch` runs them in worker processes with a per-call timeout, so a
 pathological answer (a power tower handed to sympy, a 100 kB expression) costs one zero, never a stalled step.
-Components: format (R1's tags), accuracy (math-verify, Countdown, exact match, by problem kind), language
-(R1 stage 2), overlong (DAPO's soft length penalty, in tokens) and repetition (repeated n-grams).
+Components: format (R1's tags), accuracy (math-verify, Countdown, exact match, programs run on test cases in
+`rl_jax.sandbox`, by problem kind), language (R1 stage 2), overlong (DAPO's soft length penalty, in tokens) and
+repetition (repeated n-grams).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from rl_jax import sandbox
 from rl_jax.data import procedural, tasks
 
 COMPONENTS = ("format", "accuracy", "language", "overlong", "repetition")
@@ -126,18 +128,52 @@ def reasoning_gym_reward(completion: str, problem: Mapping[str, Any]) -> float:
     return 0.0
 
 
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(completion: str) -> str | None:
+  """The last ```python fenced block, else the last <answer> block; None if neither holds any code."""
+  blocks = _FENCE.findall(completion)
+  program = blocks[-1] if blocks else extract_answer(completion)
+  return program if program and program.strip() else None
+
+
+def code_reward(
+  completion: str, tests: Sequence[Mapping[str, str]], *, timeout_s: float = 2.0, memory_mb: int = 512
+) -> float:
+  """Share of `tests` ({"input", "output"}) the program (`extract_program`) passes in the sandbox, as R1 scored
+  code: run once per test on its input, stdout (stripped) must equal the output (stripped) and the run must
+  exit 0 within timeout_s."""
+  try:
+    program = extract_program(completion)
+    if program is None or not tests:
+      return 0.0
+    runs = [(program, str(t["input"])) for t in tests]
+    workers = min(len(tests), os.cpu_count() or 1)
+    results = sandbox.run_many(runs, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+    passed = [
+      r.returncode == 0 and not r.timed_out and r.stdout.strip() == str(t["output"]).strip()
+      for r, t in zip(results, tests)
+    ]
+    return sum(passed) / len(tests)
+  except Exception:  # malformed tests, a machine with no sandbox: no reward, no crash
+    return 0.0
+
+
 def accuracy_reward(completion: str, problem: Mapping[str, Any]) -> float:
-  """The accuracy verifier of the problem's kind: countdown, math (math-verify), reasoning-gym's scorers, else
-  exact / numeric match."""
+  """The accuracy verifier of the problem's kind: countdown, math (math-verify), reasoning-gym's scorers, code
+  (test cases in the sandbox), else exact / numeric match."""
   kind = problem["kind"]
   if kind == "countdown":
     return countdown_reward(completion, problem["numbers"], problem["target"])
   if kind == "reasoning_gym":
     return reasoning_gym_reward(completion, problem)
+  if kind == "code":  # problem["tests"]: [{"input", "output"}]; an optional per-problem time limit
+    return code_reward(completion, problem["tests"], timeout_s=problem.get("timeout_s", 2.0))
   return (math_reward if kind == "math" else exact_match)(completion, problem["answer"])
 
 
-ACCURACY_KINDS = ("arithmetic", "addsub", "chain", "countdown", "math", "reasoning_gym")
+ACCURACY_KINDS = ("arithmetic", "addsub", "chain", "code", "countdown", "math", "reasoning_gym")
 
 # ----------------------------------------------------------- shaping terms
 

@@ -26,6 +26,8 @@ from rl_jax.train import grpo as G
 from rl_jax.train import runner
 from rl_jax.train import state as S
 
+PLOT_KEYS = ("reward", "pass_rate", "eval_pass@1", "response_len_mean", "kl_ref", "entropy", "grad_norm")
+
 
 def train(run: RunConfig, *, stage: str = "grpo") -> dict:
   """Runs (or resumes) a GRPO stage; returns the last logged metrics."""
@@ -50,8 +52,8 @@ def train(run: RunConfig, *, stage: str = "grpo") -> dict:
         jax.block_until_ready(metrics)  # the next rollout needs these parameters anyway
         return state, {**metrics, **host, "time_update_s": time.perf_counter() - t0}
 
-      log = runner.MetricsLog(0.0)
-      hooks = runner.standard_hooks(ctx, log) + [runner.Hook(rollouts.evaluate, g.eval_every, state=True)]
+      log = runner.MetricsLog()
+      hooks = runner.standard_hooks(ctx, log, PLOT_KEYS) + [runner.Hook(rollouts.evaluate, g.eval_every, state=True)]
       runner.run_loop(ctx, step_fn, rollouts, hooks)
   return log.last
 

@@ -164,14 +164,15 @@ def _call(hooks: list[Hook], ctx: Context, step: int, metrics: dict, last: int) 
 
 
 # ------------------------------------------------------------------------------------------ hooks
-def standard_hooks(ctx: Context, log: MetricsLog) -> list[Hook]:
+def standard_hooks(ctx: Context, log: MetricsLog, plot_keys: tuple[str, ...] | None = None) -> list[Hook]:
   """Log every train.log_every steps (and step 1), the progress bar every step, a checkpoint every
-  checkpoint.every steps and at the end, plots at the end."""
+  checkpoint.every steps and at the end, plots of `plot_keys` (default: pretraining's) at the end."""
+  plot = lambda ctx, step, metrics: plot_metrics(ctx, step, metrics, plot_keys)
   return [
     Hook(log, ctx.run.train.log_every, first=True),
     Hook(lambda ctx, step, metrics: ctx.writer.advance(), 1),
     Hook(save_checkpoint, ctx.run.checkpoint.every, state=True),
-    Hook(plot_metrics, 0),
+    Hook(plot, 0),
   ]
 
 
@@ -179,7 +180,7 @@ class MetricsLog:
   """Log hook: a step's metrics (finite, or the run stops) plus tokens/s since the previous log and the
   model FLOPs per token, to metrics.jsonl and TensorBoard; `last` holds the newest row."""
 
-  def __init__(self, flops_per_token: float):
+  def __init__(self, flops_per_token: float | None = None):
     self.flops_per_token, self.last = flops_per_token, {}
     self.clock, self.logged = time.perf_counter(), None
 
@@ -190,7 +191,8 @@ class MetricsLog:
     if "tokens" in m:
       steps = step - (ctx.start if self.logged is None else self.logged)
       m["tokens_per_s"] = m["tokens"] * steps / max(now - self.clock, 1e-9)
-    m["model_flops_per_token"] = self.flops_per_token
+    if self.flops_per_token is not None:
+      m["model_flops_per_token"] = self.flops_per_token
     ctx.writer.write(step, m)
     self.clock, self.logged, self.last = now, step, {"step": step, **m}
 
@@ -204,9 +206,9 @@ def save_checkpoint(ctx: Context, step: int, metrics: dict) -> None:
   ctx.saved = step
 
 
-def plot_metrics(ctx: Context, step: int, metrics: dict) -> None:
+def plot_metrics(ctx: Context, step: int, metrics: dict, keys: tuple[str, ...] | None = None) -> None:
   if jax.process_index() == 0:
-    report.plot_metrics(ctx.run_dir)
+    report.plot_metrics(ctx.run_dir, **({} if keys is None else {"keys": keys}))
 
 
 def check_finite(ctx: Context, step: int, metrics: dict) -> None:
