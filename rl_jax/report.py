@@ -18,6 +18,7 @@ class MetricsWriter:
     self.tb = None
     if enabled:
       os.makedirs(run_dir, exist_ok=True)
+      _truncate_after(self.path, start_step)
       try:
         from tensorboardX import SummaryWriter
 
@@ -48,6 +49,21 @@ class MetricsWriter:
     self.bar.close()
     if self.tb is not None:
       self.tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """A run (re)starting at `step` drops the rows logged past it (after its newest checkpoint, before a crash):
+  the resumed run logs those steps again, so metrics.jsonl never holds a step twice."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def _num(v):
