@@ -2,7 +2,8 @@
 
 Inside it, in order: the reference model resets to the policy every `ref_reset_every` steps (R1 resets every
 400); the reference's and the current (pre-update) policy's log-probs of the rollout come from teacher-forced
-forwards; with `kl_in_reward` the sequence KL is taken off the rewards; group advantages; truncated importance
+forwards (with one update per rollout the loss's own forward gives the latter, as its stop_gradient: one
+forward fewer, see `on_policy`); with `kl_in_reward` the sequence KL is taken off the rewards; group advantages; truncated importance
 weights min(pi_trainer / pi_sampler, tis_cap) correct the sampler/trainer numerics gap (then the trainer's own
 log-probs are the old ones, so ratios compare like with like); then `epochs` passes of `minibatches` optimizer
 steps, each accumulating gradients over `train.grad_accum` micro-batches with the loss normalised over the
@@ -53,12 +54,21 @@ def _masked_mean(x, mask):
   return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def make_loss_fn(graphdef, g: GRPOConfig, train: TrainConfig) -> Callable:
+def on_policy(g: GRPOConfig) -> bool:
+  """One update per rollout (and no KL in the reward): the loss forward runs on the rollout's own policy, so
+  the old log-probs are its own values (stop_gradient) and no separate old-policy forward is needed."""
+  return g.epochs * g.minibatches == 1 and not g.kl_in_reward
+
+
+def make_loss_fn(graphdef, g: GRPOConfig, train: TrainConfig, n_experts: int = 0) -> Callable:
   """loss(params, bias, micro-batch, denominator) -> (loss, metrics) for one micro-batch."""
 
   def loss_fn(params, bias, mb, denominator):
-    logp, entropy, _ = token_logp(
+    logp, entropy, routing = token_logp(
       graphdef, params, bias, mb, temperature=g.temperature, replay=g.routing_replay, remat=train.remat
+    )
+    mb, extra = (
+      _old_from_this_forward(mb, jax.lax.stop_gradient(logp), routing, g, n_experts) if "old" not in mb else (mb, {})
     )
     loss, m = losses.policy_loss(
       logp, mb["old"], mb["advantages"], mb["mask"], ref_logp=mb.get("ref_logp"), loss_agg=g.loss_agg,
@@ -67,9 +77,29 @@ def make_loss_fn(graphdef, g: GRPOConfig, train: TrainConfig) -> Callable:
       denominator=denominator,
     )  # fmt: skip
     m["entropy"] = _masked_mean(jax.lax.stop_gradient(entropy), mb["mask"])
-    return loss, m
+    return loss, {**m, **extra}
 
   return loss_fn
+
+
+def _old_from_this_forward(mb, current, routing, g: GRPOConfig, n_experts: int):
+  """On-policy: the old log-probs (and the importance weights against the sampler) from this very forward."""
+  mask, sampler = mb["mask"], mb["sampler_logp"]
+  extra = {"logp_gap": _masked_mean(jnp.abs(current - sampler), mask)}
+  mb = {**mb, "old": sampler}
+  if g.tis_cap is not None:
+    w = jnp.minimum(jnp.exp(current - sampler), g.tis_cap) * mask
+    mb = {**mb, "old": current, "is_weight": w}
+    extra["is_weight_mean"] = _masked_mean(w, mask)
+  if routing and n_experts:
+    extra["load_imbalance"] = _imbalance(routing, mask, n_experts)
+  return mb, extra
+
+
+def _imbalance(routing, mask, n_experts: int):
+  """Expert load max / mean per MoE layer (1 = balanced), averaged over layers."""
+  load = jnp.stack([losses.expert_load(jax.lax.stop_gradient(r.experts_TK), mask, n_experts) for r in routing])
+  return (load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).mean()
 
 
 def _minibatch_update(loss_fn, tx, g: GRPOConfig):
@@ -110,10 +140,16 @@ def _prepare(graphdef, state: TrainState, batch, g: GRPOConfig, ref):
   mask = batch["mask"]
   logp_of = lambda params: token_logp(graphdef, params, state.bias, batch, temperature=g.temperature,
                                       replay=g.routing_replay)  # fmt: skip
-  old_trainer, entropy, routing = jax.tree.map(jax.lax.stop_gradient, logp_of(state.params))
   prepared = {
     k: batch[k] for k in ("tokens", "targets", "positions", "mask") + (("experts",) if "experts" in batch else ())
   }
+  if on_policy(g):  # the loss forward provides the old log-probs (see on_policy)
+    if ref is not None:
+      prepared["ref_logp"] = jax.lax.stop_gradient(logp_of(ref)[0])
+    prepared["advantages"] = losses.group_advantages(batch["rewards"], g.group_size, scale=g.advantage)
+    prepared["sampler_logp"] = batch["old_logp"]
+    return prepared, {}, None
+  old_trainer, entropy, routing = jax.tree.map(jax.lax.stop_gradient, logp_of(state.params))
   rewards = batch["rewards"]
   stats = {"logp_gap": _masked_mean(jnp.abs(old_trainer - batch["old_logp"]), mask)}
   if ref is not None:
@@ -136,7 +172,7 @@ def _prepare(graphdef, state: TrainState, batch, g: GRPOConfig, ref):
 
 def make_grpo_step(graphdef, g: GRPOConfig, train: TrainConfig, tx, lr_schedule=None, n_experts: int = 0) -> Callable:
   """The pure RL step (state, rollout arrays [N, T]) -> (state, metrics); see the module docstring."""
-  update = _minibatch_update(make_loss_fn(graphdef, g, train), tx, g)
+  update = _minibatch_update(make_loss_fn(graphdef, g, train, n_experts), tx, g)
   M, A = g.minibatches, train.grad_accum
 
   def step(state: TrainState, batch):
@@ -159,8 +195,9 @@ def make_grpo_step(graphdef, g: GRPOConfig, train: TrainConfig, tx, lr_schedule=
     if lr_schedule is not None:
       m["lr"] = jnp.asarray(lr_schedule(state.step * g.epochs * M), jnp.float32)
     if routing and n_experts:
-      load = jnp.stack([losses.expert_load(r.experts_TK, batch["mask"], n_experts) for r in routing])
-      m["load_imbalance"] = (load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).mean()
+      m["load_imbalance"] = _imbalance(routing, batch["mask"], n_experts)
+    if ref is not None and "kl_ref" not in m:  # on-policy: the loss's own KL is the policy's KL to its reference
+      m["kl_ref"] = m["kl"]
     return TrainState(state.step + 1, params, state.bias, opt_state, ref), m
 
   return step
