@@ -138,6 +138,7 @@ class TrainConfig:
   remat: bool = False  # rematerialise (gradient-checkpoint) each block
   seed: int = 0
   log_every: int = 10  # steps between metric logs
+  max_bad_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops
 
   def validate(self) -> None:
     _check(
@@ -152,6 +153,7 @@ class TrainConfig:
       bias_gamma=">= 0",
       z_loss=">= 0",
       log_every=">= 1",
+      max_bad_steps=">= 1",
     )
     if self.batch_size % self.grad_accum:
       raise ConfigError(

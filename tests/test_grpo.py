@@ -209,3 +209,25 @@ def test_update_on_8_devices_equals_one_device():
 
   proc = run_python(["-c", MESH_SCRIPT], n_devices=8, timeout=600)
   assert "DONE" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_non_finite_update_is_skipped():
+  """NaN rewards (so NaN advantages, loss and gradients): params and optimizer state stay bitwise as they
+  were, the step reports skipped=1, its counter moves on."""
+  model, graphdef, params, bias, batch = _model_and_batch()
+  batch["old_logp"] = _true_logp(model, batch) * batch["mask"]
+  g = GRPOConfig(group_size=GS, prompts_per_step=N_PROMPTS, beta=0.0, tis_cap=None)
+  tx = optax.adam(1e-2)
+  fn = jax.jit(G.make_grpo_step(graphdef, g, TrainConfig(), tx))
+  put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  state, m = fn(S.TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params), None), put(batch))
+  assert float(m["skipped"]) == 0
+  leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(jax.device_get((s.params, s.opt_state, s.bias)))]
+  before = leaves(state)
+  batch["rewards"] = np.full_like(batch["rewards"], np.nan)
+  state, m = fn(state, put(batch))
+  assert float(m["skipped"]) == 1 and int(state.step) == 2
+  after = leaves(state)
+  assert len(before) == len(after) > 10
+  for a, b in zip(before, after):
+    np.testing.assert_array_equal(a, b)

@@ -144,3 +144,42 @@ def test_bias_of_mtp_router_follows_its_own_load(steps):
   assert not np.array_equal(np.sign(main_load.mean() - main_load), np.sign(mtp_load.mean() - mtp_load))
   np.testing.assert_allclose(after[MAIN], _expected(before[MAIN], main_load), rtol=0, atol=1e-9)
   np.testing.assert_allclose(after[MTP], _expected(before[MTP], mtp_load), rtol=0, atol=1e-9)
+
+
+# NON-FINITE STEPS
+def _leaves_of(tree) -> list:
+  return [np.array(x, copy=True) for x in jax.tree.leaves(jax.device_get(tree))]  # copies: the step donates
+
+
+def test_non_finite_step_is_skipped(monkeypatch):
+  """A step whose loss and gradients are NaN leaves params, optimizer state and router bias bitwise unchanged
+  and reports skipped=1; the step counter (and the data) move on."""
+  from rl_jax import losses
+
+  cfg = preset("tiny-moe", num_hidden_layers=2)
+  train = TrainConfig(batch_size=2, seq_len=8, mtp_lambda=0.3, bias_gamma=0.01, compute_dtype="float32")
+  cfg = S.train_model_config(cfg, train)
+  rs = np.random.RandomState(0)
+  B, T = train.batch_size, train.seq_len
+  host = {
+    "tokens": rs.randint(3, cfg.vocab_size, (B, T)),
+    "targets": rs.randint(3, cfg.vocab_size, (B, T)),
+    "segment_ids": np.ones((B, T), np.int32),
+    "positions": np.tile(np.arange(T), (B, 1)),
+    "loss_mask": np.ones((B, T), np.int32),
+  }
+  mesh = make_mesh(devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    tx = optax.adam(1e-2)
+    graphdef, state, shardings = S.init_state(cfg, tx, mesh, seed=0)
+    state, m = ST.build_step(graphdef, cfg, train, tx, mesh, shardings)(state, ST.place_batch(host, mesh, 1))
+    assert float(m["skipped"]) == 0  # a normal step (it also makes the optimizer state non-trivial)
+    before = _leaves_of((state.params, state.opt_state, state.bias))
+    ce = losses.cross_entropy
+    monkeypatch.setattr(losses, "cross_entropy", lambda *a, **kw: ce(*a, **kw) * np.nan)
+    state, m = ST.build_step(graphdef, cfg, train, tx, mesh, shardings)(state, ST.place_batch(host, mesh, 1))
+    assert np.isnan(float(m["loss"])) and float(m["skipped"]) == 1 and int(state.step) == 2
+    after = _leaves_of((state.params, state.opt_state, state.bias))
+  assert len(before) == len(after) > 20
+  for a, b in zip(before, after):
+    np.testing.assert_array_equal(a, b)

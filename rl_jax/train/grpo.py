@@ -29,7 +29,7 @@ from rl_jax import losses
 from rl_jax.config import GRPOConfig, TrainConfig
 from rl_jax.sharding import rules as srules
 from rl_jax.train.state import TrainState
-from rl_jax.train.step import BATCH_AXIS
+from rl_jax.train.step import BATCH_AXIS, finite_update, keep_if
 
 ROLLOUT_KEYS = ("tokens", "targets", "positions", "mask", "old_logp", "rewards")
 
@@ -120,9 +120,12 @@ def _minibatch_update(loss_fn, tx, g: GRPOConfig):
     (grads, m), _ = jax.lax.scan(micro, zeros, mb)
     A = mb["mask"].shape[0]
     m = {k: v if k == "loss" else v / A for k, v in m.items()}  # loss: a sum over micro-batches by construction
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
     m["grad_norm"] = optax.global_norm(grads)
-    return (optax.apply_updates(params, updates), opt_state, bias), m
+    new = (optax.apply_updates(params, updates), new_opt_state, bias)
+    ok = finite_update(m["loss"], m["grad_norm"], new[0])  # a non-finite update is skipped (see step.py)
+    m["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return keep_if(ok, new, carry), m
 
   return update
 
@@ -190,7 +193,8 @@ def make_grpo_step(graphdef, g: GRPOConfig, train: TrainConfig, tx, lr_schedule=
       carry, m = jax.lax.scan(update, carry, shaped)
       metrics.append(m)
     params, opt_state, _ = carry
-    m = jax.tree.map(lambda *xs: jnp.concatenate(xs).mean(), *metrics)
+    # means over the updates; `skipped` is 1 when any update of the step was skipped (the host counts steps)
+    m = {k: (jnp.max if k == "skipped" else jnp.mean)(jnp.concatenate([x[k] for x in metrics])) for k in metrics[0]}
     m.update(stats, param_norm=optax.global_norm(params))
     if lr_schedule is not None:
       m["lr"] = jnp.asarray(lr_schedule(state.step * g.epochs * M), jnp.float32)

@@ -107,7 +107,11 @@ def make_train_step(
     # AUX-LOSS-FREE BALANCING: the bias follows the global load, outside the gradient.
     bias = _update_bias(state.bias, paths, load, train.bias_gamma)
 
+    # A NON-FINITE STEP is skipped: the state stays as it was (the host stops after train.max_bad_steps).
     metrics["grad_norm"] = optax.global_norm(grads)
+    ok = finite_update(metrics["loss"], metrics["grad_norm"], params)
+    params, opt_state, bias = keep_if(ok, (params, opt_state, bias), (state.params, state.opt_state, state.bias))
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     metrics["param_norm"] = optax.global_norm(params)
     if lr_schedule is not None:
       metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
@@ -119,13 +123,24 @@ def make_train_step(
   return step
 
 
+def finite_update(loss, grad_norm, new_params):
+  """Whether an update may be applied: a finite loss and gradient norm, and parameters that stay finite (an
+  update that overflows them, e.g. a huge learning rate, is as harmful as a NaN gradient)."""
+  return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
+
+
+def keep_if(ok, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (a select, not a branch: both are already computed)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _update_bias(bias, paths, load, gamma):
   """Moves each listed router bias by its own row of `load` (one row per routing that ran)."""
   if load.shape[0] != len(paths):  # a mismatch would index out of range, which jnp clamps silently
     raise ValueError(f"router loads for {load.shape[0]} routings but {len(paths)} router biases to update")
   if not paths or gamma <= 0:
     return bias
-  flat = dict(nnx.to_flat_state(bias))
+  flat = dict(nnx.to_flat_state(jax.tree.map(lambda x: x, bias)))  # a copy: the old bias is kept if skipped
   for i, p in enumerate(paths):
     flat[p].set_value(losses.bias_update(flat[p].get_value(), load[i], gamma))
   return nnx.from_flat_state(flat)
