@@ -141,20 +141,24 @@ def load_model(
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   except Exception as e:  # orbax raises many types; name the culprit in one line
-    raise ValueError(_unreadable(mngr, step, e)) from None
+    raise CheckpointUnreadable(mngr, step, e) from None
   finally:
     mngr.close()
   nnx.replace_by_pure_dict(abs_state, restored["params"])
   return nnx.merge(graphdef, abs_state)
 
 
-def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> str:
-  """One line naming the step directory, orbax's reason (without TensorStore's spec dump) and a way out."""
-  lines = str(e).strip().splitlines()
-  why = lines[0].split(" See full TensorStore details")[0][:200] if lines else type(e).__name__
-  earlier = [s for s in mngr.all_steps() if s < step]
-  way_out = f"move it away to use step {max(earlier)}" if earlier else "no earlier checkpoint"
-  return f"{os.path.join(str(mngr.directory), str(step))}: checkpoint is unreadable ({why}); {way_out}"
+class CheckpointUnreadable(ValueError):
+  """A step directory Orbax cannot restore (truncated or missing files): one line naming it, orbax's reason
+  (without TensorStore's spec dump) and a way out; `path`, `step` and `why` for callers that recover."""
+
+  def __init__(self, mngr: ocp.CheckpointManager, step: int, e: Exception):
+    lines = str(e).strip().splitlines()
+    self.why = lines[0].split(" See full TensorStore details")[0][:200] if lines else type(e).__name__
+    self.step, self.path = int(step), os.path.join(str(mngr.directory), str(step))
+    earlier = [s for s in mngr.all_steps() if s < step]
+    way_out = f"move it away to use step {max(earlier)}" if earlier else "no earlier checkpoint"
+    super().__init__(f"{self.path}: checkpoint is unreadable ({self.why}); {way_out}")
 
 
 def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
@@ -168,7 +172,7 @@ def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
   except CheckpointNotFound:
     raise
   except Exception as e:  # orbax raises many types; name the culprit in one line
-    raise ValueError(_unreadable(mngr, step, e)) from None
+    raise CheckpointUnreadable(mngr, step, e) from None
   finally:
     mngr.close()
 
@@ -233,7 +237,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
       ),
     )
   except Exception as e:
-    raise ValueError(_unreadable(mngr, step, e)) from None
+    raise CheckpointUnreadable(mngr, step, e) from None
   nnx.replace_by_pure_dict(full_abs, r["params"])
   params = nnx.filter_state(full_abs, nnx.Param)
   from rl_jax.models.layers import RouterBias

@@ -135,6 +135,12 @@ def run_b():
   return cli("pretrain", "--config", PRETRAIN, "--run-dir", d("B"), *PRE, f"train.steps={2 * N}")
 
 
+@scenario
+def more_steps():  # rerunning a finished run with a larger train.steps extends it
+  shutil.copytree(d("B"), d("B_more"))
+  return cli("pretrain", "--config", PRETRAIN, "--run-dir", d("B_more"), *PRE, f"train.steps={2 * N + 3}")
+
+
 # BAD INPUT
 @scenario
 def unknown_key():
@@ -144,7 +150,7 @@ def unknown_key():
 @scenario
 def nan_loss():
   before = digest(d("A_nan/checkpoints"))
-  # every=1: a save is due right after the step that diverges, which must not be written
+  # every=1: a save is due after each skipped step, which must not be written
   r = cli(
     "pretrain",
     "--config",
@@ -169,9 +175,11 @@ def corrupt():
   ]  # ocdbt data files: the arrays
   victim = max(files, key=os.path.getsize)
   os.truncate(victim, os.path.getsize(victim) // 2)
+  export = cli("export", "--checkpoint", d("A_bad/checkpoints"), "--hf-out", d("hf_bad"))
   return {
     **cli("pretrain", "--config", PRETRAIN, "--run-dir", d("A_bad"), *PRE, f"train.steps={2 * N}"),
     "victim": victim,
+    "export": export,
   }
 
 

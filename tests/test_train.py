@@ -121,32 +121,70 @@ def test_unknown_config_key_is_one_line(runs):
   assert "Traceback" not in r["err"] and not os.path.exists(f"{out}/U")
 
 
-def test_nan_loss_stops_and_keeps_checkpoints(runs):
+def test_rerun_with_more_steps_extends_a_finished_run(runs):
+  from rl_jax import checkpoint
+
+  out, res = runs
+  _ok(res, "more_steps")
+  assert [m["step"] for m in _metrics(f"{out}/B_more")] == list(range(1, 2 * N + 4))
+  assert checkpoint.latest_step(f"{out}/B_more/checkpoints") == 2 * N + 3
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(runs):
   from rl_jax import checkpoint
 
   out, res = runs
   r = res["nan_loss"]
   lines = _error_lines(r)
   assert len(lines) == 1 and "Traceback" not in r["err"], r["err"]
-  assert re.fullmatch(
-    rf"error: (loss|grad_norm|param_norm) is (nan|inf|-inf) at step {N + 1}; stopped "
-    rf"\(newest checkpoint: step {N}; lower optimizer.lr\?\)",
-    lines[0],
+  # lr=1e30 from step N+1: every update overflows the parameters, so each step is skipped; the default
+  # train.max_bad_steps=3 stops the run after N+3.
+  assert lines[0] == (
+    f"error: 3 consecutive non-finite steps (loss/grad) up to step {N + 3}; stopped "
+    f"(newest checkpoint: step {N}; lower optimizer.lr?)"
   ), lines[0]
-  assert r["intact"]  # no byte of the earlier checkpoints changed, none was added
+  assert r["intact"]  # skipped steps are not saved: no byte of the earlier checkpoints changed, none was added
   assert sorted(os.listdir(f"{out}/A_nan/checkpoints")) == ["10", "15", "model_config.json", "tokenizer"]
-  assert not any(m["step"] > N for m in _metrics(f"{out}/A_nan"))  # the diverged step is not logged
+  rows = _metrics(f"{out}/A_nan")
+  assert [m["step"] for m in rows] == list(range(1, N + 4))
+  assert [m["skipped"] for m in rows] == [0] * N + [1] * 3
+  assert [m["skipped_total"] for m in rows[N:]] == [1, 2, 3]
+  # the state was never updated: the skipped steps report the step-N parameters' norm
+  assert [m["param_norm"] for m in rows[N:]] == pytest.approx([rows[N - 1]["param_norm"]] * 3, rel=1e-6)
   params = _leaves(checkpoint.load_model(f"{out}/A_nan/checkpoints"))
   assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
-def test_corrupt_checkpoint_names_its_directory(runs):
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(runs):
+  from rl_jax import checkpoint
+
   out, res = runs
-  r = res["corrupt"]
-  lines = _error_lines(r)
-  assert len(lines) == 1, r["err"]
-  assert lines[0].startswith(f"error: {out}/A_bad/checkpoints/{N}: checkpoint is unreadable (")
+  r = _ok(res, "corrupt")
+  ckpts = f"{out}/A_bad/checkpoints"
+  # eval/export on the bad checkpoint: one line naming it
+  lines = _error_lines(r["export"])
+  assert len(lines) == 1 and "Traceback" not in r["export"]["err"], r["export"]["err"]
+  assert lines[0].startswith(f"error: {ckpts}/{N}: checkpoint is unreadable ("), lines[0]
   assert lines[0].endswith("move it away to use step 10"), lines[0]
+  # the run: one line, the step directory moved aside (kept), resumed from step 10 and finished
+  # (orbax's background threads may still print their own "Exception ignored" noise about the failed read)
+  warn = [line for line in r["err"].splitlines() if line.startswith("warning:")]
+  assert len(warn) == 1 and not [line for line in r["err"].splitlines() if line.startswith("error:")], r["err"]
+  moved = [n for n in os.listdir(ckpts) if n.startswith(f"corrupt-{N}-")]
+  assert len(moved) == 1, os.listdir(ckpts)
+  assert re.fullmatch(
+    rf"warning: {ckpts}/{N}: checkpoint is unreadable \(.+\); moved to {ckpts}/{moved[0]}; resuming from step 10",
+    warn[0],
+  ), warn[0]
+  assert os.path.exists(r["victim"].replace(f"/checkpoints/{N}/", f"/checkpoints/{moved[0]}/"))
+  assert checkpoint.latest_step(ckpts) == 2 * N
+  # steps 11..2N rerun from step 10's state and data position: the uninterrupted run's numbers, bit for bit
+  a, b = _metrics(f"{out}/A_bad"), _metrics(f"{out}/B")
+  assert [m["step"] for m in a] == list(range(1, 2 * N + 1))
+  assert [m["loss"] for m in a] == [m["loss"] for m in b]
+  pa, pb = _leaves(checkpoint.load_model(ckpts)), _leaves(checkpoint.load_model(f"{out}/B/checkpoints"))
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
 def test_init_from_another_architecture_is_one_line(runs):

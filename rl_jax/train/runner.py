@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -37,6 +38,10 @@ class Diverged(FloatingPointError, ValueError):
   """The loss or the parameters went non-finite; a ValueError so the CLI reports it in one line."""
 
 
+class TooManyBadSteps(Diverged):
+  """train.max_bad_steps consecutive steps were skipped as non-finite (their state was never applied)."""
+
+
 @dataclasses.dataclass
 class Context:
   """A running stage: `setup` fills the run, `restore_or_init` the state, `run_loop` advances it."""
@@ -53,6 +58,8 @@ class Context:
   data: Any = None  # the batch source's iterator (get_state / set_state): its position is checkpointed
   start: int = 0  # the step the state holds when the loop starts (the restored one on resume)
   saved: int = 0  # the newest checkpoint's step; 0: none yet
+  skipped: int = 0  # steps skipped as non-finite since this process started the loop
+  bad_streak: int = 0  # ... of them in a row, up to the newest step read
   writer: report.MetricsWriter | None = None
 
   @property
@@ -87,11 +94,12 @@ def setup(run: RunConfig, stage: str) -> Iterator[Context]:
     ST.check_batch(run.train, mesh)  # before anything is written or trained
     c = run.checkpoint
     mngr = ckpt.manager(os.path.join(run_dir, "checkpoints"), keep=c.keep, async_save=c.async_save, train=True)
+    ctx = Context(run, stage, mesh, run_dir, mngr, mcfg)
     try:
-      yield Context(run, stage, mesh, run_dir, mngr, mcfg)
-    finally:
-      mngr.wait_until_finished()
-      mngr.close()
+      yield ctx
+    finally:  # ctx.mngr: restore_or_init may have re-opened it
+      ctx.mngr.wait_until_finished()
+      ctx.mngr.close()
 
 
 def write_run_files(ctx: Context, tokenizer_dir: str | None = None) -> None:
@@ -118,7 +126,7 @@ def restore_or_init(ctx: Context, tx, data=None, *, ref: bool = False) -> None:
     )
     return
   ctx.graphdef, abstract, ctx.shardings = S.state_spec(ctx.model_cfg, tx, ctx.mesh, seed, ref=ref)
-  ctx.state, data_state = ckpt.restore_train(ctx.mngr, latest, abstract, ctx.shardings, ctx.run_dir)
+  latest, ctx.state, data_state = _restore_newest_readable(ctx, abstract)
   if data is not None:
     if data_state is None:
       raise ValueError(
@@ -127,6 +135,42 @@ def restore_or_init(ctx: Context, tx, data=None, *, ref: bool = False) -> None:
       )
     data.set_state(data_state)
   ctx.start = ctx.saved = int(latest)
+
+
+def _restore_newest_readable(ctx: Context, abstract) -> tuple[int, S.TrainState, Any]:
+  """(step, state, data state) of the newest checkpoint that restores. Newer ones that do not (truncated or
+  missing files) are reported in one line each and moved aside to <ckpt_dir>/corrupt-<step>-<time>: kept
+  for inspection, and out of the way so that their steps can be saved again. If none restores, nothing is
+  moved and the newest one's error is raised (one line)."""
+  bad = []
+  for step in sorted(ctx.mngr.all_steps(), reverse=True):
+    try:
+      state, data_state = ckpt.restore_train(ctx.mngr, step, abstract, ctx.shardings, ctx.run_dir)
+    except ckpt.CheckpointUnreadable as e:
+      bad.append(e)
+      continue
+    if bad:
+      _move_aside(ctx, bad, step)
+    return step, state, data_state
+  if len(bad) > 1:
+    raise ValueError(f"{bad[0].path}: checkpoint is unreadable ({bad[0].why}); no earlier checkpoint restores either")
+  raise bad[0]
+
+
+def _move_aside(ctx: Context, bad: list[ckpt.CheckpointUnreadable], good: int) -> None:
+  stamp = time.strftime("%Y%m%dT%H%M%S")
+  lead = jax.process_index() == 0
+  for e in bad:
+    dst = os.path.join(ctx.ckpt_dir, f"corrupt-{e.step}-{stamp}")
+    if lead:
+      os.rename(e.path, dst)
+      print(f"warning: {e.path}: checkpoint is unreadable ({e.why}); moved to {dst}; resuming from step {good}",
+            file=sys.stderr)  # fmt: skip
+  if jax.process_count() > 1:  # every process sees the step gone before any saves it again
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("rl_jax: unreadable checkpoints moved aside")
+  ctx.mngr.reload()  # orbax caches the step list
 
 
 def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hook]) -> None:
@@ -169,7 +213,9 @@ def standard_hooks(ctx: Context, log: MetricsLog, plot_keys: tuple[str, ...] | N
   checkpoint.every steps and at the end, plots of `plot_keys` (default: pretraining's) at the end."""
   plot = lambda ctx, step, metrics: plot_metrics(ctx, step, metrics, plot_keys)
   return [
+    Hook(count_skipped, 1),
     Hook(log, ctx.run.train.log_every, first=True),
+    Hook(stop_after_bad_steps, 1),
     Hook(lambda ctx, step, metrics: ctx.writer.advance(), 1),
     Hook(save_checkpoint, ctx.run.checkpoint.every, state=True),
     Hook(plot, 0),
@@ -193,6 +239,8 @@ class MetricsLog:
       m["tokens_per_s"] = m["tokens"] * steps / max(now - self.clock, 1e-9)
     if self.flops_per_token is not None:
       m["model_flops_per_token"] = self.flops_per_token
+    if "skipped" in m:
+      m["skipped_total"] = ctx.skipped
     ctx.writer.write(step, m)
     self.clock, self.logged, self.last = now, step, {"step": step, **m}
 
@@ -200,6 +248,8 @@ class MetricsLog:
 def save_checkpoint(ctx: Context, step: int, metrics: dict) -> None:
   """Checkpoint hook: the state, the data position and the configs at `step`; never a diverged state."""
   check_finite(ctx, step, metrics)  # waits for the step, but only at saves
+  if step != ctx.run.train.steps and float(metrics.get("skipped", 0)) > 0:
+    return  # the run may be going bad: copies of the last good state must not rotate good checkpoints out
   meta = {"stage": ctx.stage, "run_config": to_dict(ctx.run), "model_config": ckpt.config_to_json(ctx.model_cfg)}
   data_state = None if ctx.data is None else ctx.data.get_state()
   ckpt.save_train(ctx.mngr, step, ctx.state, meta=meta, data_state=data_state, run_dir=ctx.run_dir)
@@ -211,12 +261,36 @@ def plot_metrics(ctx: Context, step: int, metrics: dict, keys: tuple[str, ...] |
     report.plot_metrics(ctx.run_dir, **({} if keys is None else {"keys": keys}))
 
 
+def count_skipped(ctx: Context, step: int, metrics: dict) -> None:
+  """Every step: counts the steps skipped as non-finite (the `skipped` metric). Reading it every step is
+  cheap: this hook runs once the next step is dispatched (see Hook), so the device never idles for it."""
+  if float(metrics.get("skipped", 0)) > 0:
+    ctx.skipped, ctx.bad_streak = ctx.skipped + 1, ctx.bad_streak + 1
+  else:
+    ctx.bad_streak = 0
+
+
+def stop_after_bad_steps(ctx: Context, step: int, metrics: dict) -> None:
+  """After count_skipped and the step's log row: stops at train.max_bad_steps skipped steps in a row."""
+  if ctx.bad_streak >= ctx.run.train.max_bad_steps:
+    raise TooManyBadSteps(
+      f"{ctx.bad_streak} consecutive non-finite steps (loss/grad) up to step {step}; stopped ({_kept(ctx)}; "
+      "lower optimizer.lr?)"
+    )
+
+
 def check_finite(ctx: Context, step: int, metrics: dict) -> None:
-  m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "param_norm") if k in metrics})
+  """A last guard: steps that skip non-finite updates (`skipped` metric) keep the parameters finite, so
+  only their norm is checked there; for other steps the loss and gradient norm too."""
+  keys = ("param_norm",) if "skipped" in metrics else ("loss", "grad_norm", "param_norm")
+  m = jax.device_get({k: metrics[k] for k in keys if k in metrics})
   for k, v in m.items():
     if not np.isfinite(v):
-      kept = f"newest checkpoint: step {ctx.saved}" if ctx.saved else "no checkpoint written"
-      raise Diverged(f"{k} is {float(v)} at step {step}; stopped ({kept}; lower optimizer.lr?)")
+      raise Diverged(f"{k} is {float(v)} at step {step}; stopped ({_kept(ctx)}; lower optimizer.lr?)")
+
+
+def _kept(ctx: Context) -> str:
+  return f"newest checkpoint: step {ctx.saved}" if ctx.saved else "no checkpoint written"
 
 
 def _init_weights(path: str, mcfg: ModelConfig):
