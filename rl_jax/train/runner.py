@@ -148,6 +148,7 @@ def _restore_newest_readable(ctx: Context, abstract) -> tuple[int, S.TrainState,
       state, data_state = ckpt.restore_train(ctx.mngr, step, abstract, ctx.shardings, ctx.run_dir)
     except ckpt.CheckpointUnreadable as e:
       bad.append(e)
+      _drop_failed_reads()
       continue
     if bad:
       _move_aside(ctx, bad, step)
@@ -155,6 +156,22 @@ def _restore_newest_readable(ctx: Context, abstract) -> tuple[int, S.TrainState,
   if len(bad) > 1:
     raise ValueError(f"{bad[0].path}: checkpoint is unreadable ({bad[0].why}); no earlier checkpoint restores either")
   raise bad[0]
+
+
+def _drop_failed_reads() -> None:
+  """Orbax leaves a failed restore's other reads behind as coroutines that raise when they are collected,
+  later in the run ("Exception ignored in ..." with TensorStore's spec dump, after our one line): from now
+  on such unraisable read errors, and only those, are dropped."""
+  if getattr(sys.unraisablehook, "_rl_jax_drops_failed_reads", False):
+    return
+  hook = sys.unraisablehook
+
+  def quiet(u):
+    if not str(u.exc_value).startswith("Encountered error while reading array index"):
+      hook(u)
+
+  quiet._rl_jax_drops_failed_reads = True
+  sys.unraisablehook = quiet
 
 
 def _move_aside(ctx: Context, bad: list[ckpt.CheckpointUnreadable], good: int) -> None:
