@@ -6,7 +6,10 @@
 
 A stage brings its own step function, batch source and metrics (rl_jax/train/loop.py: pretrain, extend).
 The loop reads a step's metrics only after dispatching the next step, so the host never idles the device;
-rerunning the same command resumes from the newest checkpoint as if the run had never stopped.
+rerunning the same command resumes from the newest checkpoint as if the run had never stopped (an
+unreadable newest checkpoint is moved aside and the previous one used), and with a larger train.steps
+extends a finished run. A step whose loss, gradients or update are not finite is skipped inside the jitted
+step (its `skipped` metric); the host counts them every step and stops after train.max_bad_steps in a row.
 """
 
 from __future__ import annotations
@@ -240,8 +243,9 @@ def standard_hooks(ctx: Context, log: MetricsLog, plot_keys: tuple[str, ...] | N
 
 
 class MetricsLog:
-  """Log hook: a step's metrics (finite, or the run stops) plus tokens/s since the previous log and the
-  model FLOPs per token, to metrics.jsonl and TensorBoard; `last` holds the newest row."""
+  """Log hook: a step's metrics (a skipped step's loss may be NaN; the parameters are finite, or the run
+  stops) plus skipped_total, tokens/s since the previous log and the model FLOPs per token, to metrics.jsonl
+  and TensorBoard; `last` holds the newest row."""
 
   def __init__(self, flops_per_token: float | None = None):
     self.flops_per_token, self.last = flops_per_token, {}
