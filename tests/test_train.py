@@ -155,6 +155,17 @@ def test_nan_steps_are_skipped_then_the_run_stops(runs):
   assert all(np.all(np.isfinite(v)) for v in params.values())
 
 
+def _without_tensorstore_noise(err: str) -> str:
+  """stderr less what TensorStore's own threads may print when orbax closes its event loop under a failed
+  read's other reads (a bare "Traceback" header over one asyncio frame, from C++ threads, out of Python's
+  hooks): any traceback of ours would show more frames."""
+  noise = re.compile(
+    r"Traceback \(most recent call last\):\n\s+File \"[^\"]*asyncio/base_events\.py\", line \d+, in \w+\n"
+    r"(?:\s+\S.*\n)*?(?:RuntimeError: Event loop is closed\n)?"
+  )
+  return noise.sub("", err)
+
+
 def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(runs):
   from rl_jax import checkpoint
 
@@ -163,7 +174,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
   ckpts = f"{out}/A_bad/checkpoints"
   # eval/export on the bad checkpoint: one line naming it
   lines = _error_lines(r["export"])
-  assert len(lines) == 1 and "Traceback" not in r["export"]["err"], r["export"]["err"]
+  assert len(lines) == 1 and "Traceback" not in _without_tensorstore_noise(r["export"]["err"]), r["export"]["err"]
   assert lines[0].startswith(f"error: {ckpts}/{N}: checkpoint is unreadable ("), lines[0]
   assert lines[0].endswith("move it away to use step 10"), lines[0]
   # the run: one line, the step directory moved aside (kept), resumed from step 10 and finished
