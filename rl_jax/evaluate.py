@@ -82,9 +82,10 @@ _LAST_EXPR = re.compile(r"[\d\s+\-*/().]*\d[\d\s+\-*/().]*")
 def lenient_answer(text: str, kind: str) -> str | None:
   """The answer taken from anywhere in a completion: the last <answer> block if there is one, else the last
   number (the last arithmetic expression for countdown, the last \\boxed{} for math)."""
-  if "<answer>" in text and "</answer>" in text[text.rfind("<answer>") :]:
-    start = text.rfind("<answer>") + len("<answer>")
-    return text[start : text.find("</answer>", start)]
+  from rl_jax.rewards import extract_answer
+
+  if (tagged := extract_answer(text)) is not None:
+    return tagged
   if kind == "math" and "\\boxed{" in text:
     return text[text.rfind("\\boxed{") :]
   pattern = _LAST_EXPR if kind == "countdown" else _LAST_NUMBER

@@ -84,6 +84,18 @@ def _loads(graphdef, state, host, cfg, A):
   return loads.astype(np.float64)
 
 
+def _host_batch(cfg, B: int, T: int, mask_share: float = 1.0) -> dict:
+  """Random one-document rows [B, T]; a `mask_share` of the targets count."""
+  rs = np.random.RandomState(0)
+  return {
+    "tokens": rs.randint(3, cfg.vocab_size, (B, T)),
+    "targets": rs.randint(3, cfg.vocab_size, (B, T)),
+    "segment_ids": np.ones((B, T), np.int32),
+    "positions": np.tile(np.arange(T), (B, 1)),
+    "loss_mask": (rs.rand(B, T) < mask_share).astype(np.int32),
+  }
+
+
 def _one_step(mtp_lambda: float):
   """(bias before, bias after, loads) of one train step of a 2-layer tiny MoE with one MoE MTP block."""
   cfg = preset("tiny-moe", num_hidden_layers=2)  # layer 0 dense, layer 1 MoE; the MTP block is MoE
@@ -91,15 +103,8 @@ def _one_step(mtp_lambda: float):
     batch_size=4, seq_len=16, grad_accum=2, mtp_lambda=mtp_lambda, bias_gamma=0.01, compute_dtype="float32"
   )
   cfg = S.train_model_config(cfg, train)
-  rs = np.random.RandomState(0)
   B, T = train.batch_size, train.seq_len
-  host = {
-    "tokens": rs.randint(3, cfg.vocab_size, (B, T)),
-    "targets": rs.randint(3, cfg.vocab_size, (B, T)),
-    "segment_ids": np.ones((B, T), np.int32),
-    "positions": np.tile(np.arange(T), (B, 1)),
-    "loss_mask": (rs.rand(B, T) < 0.8).astype(np.int32),  # masked tokens do not count as load
-  }
+  host = _host_batch(cfg, B, T, mask_share=0.8)  # masked tokens do not count as load
   mesh = make_mesh(devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     tx = optax.sgd(1e-2)
@@ -159,15 +164,8 @@ def test_non_finite_step_is_skipped(monkeypatch):
   cfg = preset("tiny-moe", num_hidden_layers=2)
   train = TrainConfig(batch_size=2, seq_len=8, mtp_lambda=0.3, bias_gamma=0.01, compute_dtype="float32")
   cfg = S.train_model_config(cfg, train)
-  rs = np.random.RandomState(0)
   B, T = train.batch_size, train.seq_len
-  host = {
-    "tokens": rs.randint(3, cfg.vocab_size, (B, T)),
-    "targets": rs.randint(3, cfg.vocab_size, (B, T)),
-    "segment_ids": np.ones((B, T), np.int32),
-    "positions": np.tile(np.arange(T), (B, 1)),
-    "loss_mask": np.ones((B, T), np.int32),
-  }
+  host = _host_batch(cfg, B, T)
   mesh = make_mesh(devices=jax.devices()[:1])
   with jax.set_mesh(mesh):
     tx = optax.adam(1e-2)
