@@ -30,10 +30,12 @@ __all__ = [
   "CheckpointConfig",
   "ConfigError",
   "DataConfig",
+  "DistillConfig",
   "GRPOConfig",
   "MeshConfig",
   "OptimizerConfig",
   "RunConfig",
+  "SFTConfig",
   "TrainConfig",
   "apply_overrides",
   "dump_yaml",
@@ -180,6 +182,44 @@ class CheckpointConfig:
     _check(self, "checkpoint", every=">= 0", keep=">= 1")
 
 
+@dataclass(frozen=True)
+class SFTConfig:
+  """Supervised fine-tuning data (`rl-jax sft`, `rl-jax distill`, `rl-jax train-rm`): rows are JSONL objects
+  {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} (or the same fields in a TFDS ArrayRecord
+  dataset), from `data.source`; the loss covers response (assistant) tokens only."""
+
+  template: str = "r1_zero_short"  # how a `prompt` is rendered (rl_jax/data/tasks.py TEMPLATES or a {prompt} string)
+  chat_format: Literal["chatml", "deepseek_r1", "plain"] = "chatml"  # how `messages` rows are rendered
+  prompt_field: str = "prompt"
+  response_field: str = "response"
+  messages_field: str = "messages"
+  pack: bool = True  # several examples per row with segment ids; False = one example per row, padded
+  too_long: Literal["drop", "error"] = "drop"  # an example longer than train.seq_len (dropped ones are counted)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+  """Logit distillation (`rl-jax distill` with a teacher): the student is the run's model (or --init), the
+  teacher a checkpoint sharing its tokenizer; the loss is losses.distill_loss, chunked over the sequence."""
+
+  teacher: str | None = None  # teacher checkpoint dir; None = SFT on teacher traces only (R1's distillation)
+  divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+  temperature: float = 1.0
+  jsd_beta: float = 0.5
+  top_k: int = 0  # teacher logits kept per token (renormalised over the top k); 0 = the full vocabulary
+  cache: bool = False  # compute the teacher's top-k logits in a first pass to <run_dir>/teacher_cache, then free it
+  kd_weight: float = 1.0  # weight of the distillation loss
+  ce_weight: float = 0.0  # weight of plain next-token CE on the same (response) tokens
+  chunk: int = 128  # sequence positions per chunk of the chunked loss
+
+  def validate(self) -> None:
+    _check(self, "distill", temperature="> 0", jsd_beta="in [0, 1]", top_k=">= 0", kd_weight=">= 0", ce_weight=">= 0")
+    if self.chunk < 1:
+      raise ConfigError(f"config key 'distill.chunk' must be >= 1, got {self.chunk}")
+    if self.cache and not self.top_k:
+      raise ConfigError("config key 'distill.cache' needs distill.top_k > 0 (the cache holds the teacher's top-k)")
+
+
 # GRPO-family algorithms: the defaults each one gives the `grpo` keys the config leaves unset.
 ALGORITHMS: dict[str, dict[str, Any]] = {
   "grpo": {},  # DeepSeekMath / R1: group-normalised advantages, per-sequence token means, k3 KL in the loss
@@ -202,6 +242,7 @@ class GRPOConfig:
   temperature: float = 1.0  # rollouts; log-probs (sampler and trainer) are those of logits / temperature
   top_p: float = 1.0
   rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # weights
+  reward_model: str | None = None  # checkpoint of `rl-jax train-rm`: the "rm" reward (sigmoid of its score)
   advantage: Literal["group", "batch", "none"] = "group"  # std scaling of r - group mean
   loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
     "seq-mean-token-mean"
@@ -259,6 +300,8 @@ class GRPOConfig:
     for name in self.rewards:
       if name not in COMPONENTS:
         raise ConfigError(f"config key 'grpo.rewards.{name}' is not a reward (known: {', '.join(COMPONENTS)})")
+    if "rm" in self.rewards and not self.reward_model:
+      raise ConfigError("config key 'grpo.reward_model' must name a train-rm checkpoint when grpo.rewards has rm")
 
 
 @dataclass(frozen=True)
@@ -270,6 +313,8 @@ class RunConfig:
   data: DataConfig = field(default_factory=DataConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   grpo: GRPOConfig = field(default_factory=GRPOConfig)  # read by `rl-jax grpo` only
+  sft: SFTConfig = field(default_factory=SFTConfig)  # read by `rl-jax sft`, `distill`, `train-rm`
+  distill: DistillConfig = field(default_factory=DistillConfig)  # read by `rl-jax distill` only
   run_dir: str | None = None  # where checkpoints/logs go; None = let the CLI decide
   init: str | None = None  # checkpoint to initialise weights from
 

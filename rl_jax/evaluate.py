@@ -129,16 +129,16 @@ def evaluate_model(model, tok, problems, *, k: int, template: str, max_new_token
 
 
 def default_task(meta: dict[str, Any]) -> str:
-  """The task a checkpoint was trained on, from its meta: a GRPO run's task, or the procedural kind of a
-  pretraining corpus (the R1-Zero corpus teaches chain sums)."""
+  """The task a checkpoint was trained on, from its meta: the run config's grpo.task after a post-training stage
+  (grpo, sft, distill), or the procedural kind of a pretraining corpus (the R1 corpora teach chain sums)."""
   rc = meta.get("run_config") or {}
-  if meta.get("stage") == "grpo":
+  if meta.get("stage") not in (None, "pretrain", "extend") and "task" in (rc.get("grpo") or {}):
     return rc["grpo"]["task"]
   source = (rc.get("data") or {}).get("source", "")
   kind = source.split(":", 1)[1] if source.startswith("procedural:") else None
   from rl_jax.data import procedural
 
-  if kind == "r1zero":
+  if kind in ("r1zero", "r1"):
     return "chain"
   if kind in procedural.PROBLEM_KINDS:
     return kind
