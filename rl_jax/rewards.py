@@ -5,7 +5,8 @@ Every verifier takes the completion text (without the prompt) and returns a floa
 pathological answer (a power tower handed to sympy, a 100 kB expression) costs one zero, never a stalled step.
 Components: format (R1's tags), accuracy (math-verify, Countdown, exact match, programs run on test cases in
 `rl_jax.sandbox`, by problem kind), language (R1 stage 2), overlong (DAPO's soft length penalty, in tokens) and
-repetition (repeated n-grams).
+repetition (repeated n-grams). "rm" (a reward model's score, rl_jax/reward_model.py) runs on the device, not
+here: `score_batch` leaves it out of its parts and its total, and the caller adds weight * score.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from rl_jax import sandbox
 from rl_jax.data import procedural, tasks
 from rl_jax.verifier_pool import VerifierPool, default_pool
 
-COMPONENTS = ("format", "accuracy", "language", "overlong", "repetition")
+COMPONENTS = ("format", "accuracy", "language", "overlong", "repetition", "rm")
+DEVICE_COMPONENTS = ("rm",)  # scored by the caller on the device (a model), not by score_batch's verifiers
 _MV_TIMEOUT_S = 5  # math-verify's own (signal-based) guard: main thread only
 _MAX_ANSWER_CHARS = 1000  # sympy parse cost grows fast with length; no real answer is this long
 
@@ -188,12 +190,17 @@ def _in_script(word: str, ranges: tuple[tuple[int, int], ...]) -> bool:
 
 
 def language_reward(completion: str, language: str = "latin", *, prefix: str = "") -> float:
-  """Share of the words inside <think> written in `language`'s script; 0.0 without a CoT or with no words."""
+  """Share of the words inside <think> written in `language`'s script (R1's language-consistency reward); 0.0
+  without a CoT or with an empty one; a CoT of digits and symbols only ("7+8=15") has nothing in another language
+  and scores 1.0."""
   try:
     text = prefix + completion
     start, end = text.find("<think>"), text.find("</think>")
-    words = _WORD.findall(text[start + len("<think>") : end]) if 0 <= start < end else []
-    return sum(_in_script(w, SCRIPTS[language]) for w in words) / len(words) if words else 0.0
+    cot = text[start + len("<think>") : end] if 0 <= start < end else ""
+    words = _WORD.findall(cot)
+    if not words:
+      return 1.0 if cot.strip() else 0.0
+    return sum(_in_script(w, SCRIPTS[language]) for w in words) / len(words)
   except Exception:
     return 0.0
 
@@ -272,7 +279,7 @@ def score_batch(
   timeout_s: float = 5.0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Total (weighted) reward [N] float32 and each component's raw value [N] float32; `lengths` are completion
-  tokens."""
+  tokens. DEVICE_COMPONENTS ("rm") are neither scored nor in the total: the caller adds them."""
   n = len(completions)
   if len(problems) != n:
     raise ValueError(f"{len(problems)} problems for {n} completions")
@@ -280,11 +287,12 @@ def score_batch(
     raise ValueError(f"overlong needs lengths (completion tokens) for all {n} completions")
   if "accuracy" in spec.weights and (kinds := {p.get("kind") for p in problems} - set(ACCURACY_KINDS)):
     raise ValueError(f"no accuracy verifier for problem kinds {sorted(map(str, kinds))}; expected {ACCURACY_KINDS}")
-  names = [k for k in spec.weights if k != "overlong"]
+  names = [k for k in spec.weights if k != "overlong" and k not in DEVICE_COMPONENTS]
   calls = [(_component, (k, c, p, spec)) for k in names for c, p in zip(completions, problems)]
   values = (pool or default_pool()).run(calls, timeout_s)
   parts = {k: np.asarray(values[i * n : (i + 1) * n], np.float32) for i, k in enumerate(names)}
   if "overlong" in spec.weights:
     penalty = [overlong_penalty(int(t), spec.max_tokens, spec.overlong_buffer) for t in lengths]
     parts["overlong"] = np.asarray(penalty, np.float32)
-  return (np.zeros(n) + combine(parts, spec.weights)).astype(np.float32), parts
+  weights = {k: w for k, w in spec.weights.items() if k not in DEVICE_COMPONENTS}
+  return (np.zeros(n) + combine(parts, weights)).astype(np.float32), parts

@@ -91,7 +91,9 @@ CASES = [
   ("lang-cjk", L, ("<think>我们把数字相加 then</think>",), {"language": "cjk"}, 7 / 8),
   ("lang-numbers-ignored", L, ("<think>7+8=15, write 5 carry 1</think>",), {}, 1.0),
   ("lang-no-think", L, ("<answer>We add</answer>",), {}, 0.0),
-  ("lang-empty-think", L, ("<think> 7+8 </think>",), {}, 0.0),
+  ("lang-wordless-think", L, ("<think> 7+8=15; 15+2=17 </think>",), {}, 1.0),  # nothing in another language
+  ("lang-ideograph-in-sums", L, ("<think>7加8=15</think>",), {}, 0.0),
+  ("lang-empty-think", L, ("<think>  </think>",), {}, 0.0),
   ("lang-prefilled", L, ("We add</think><answer>1</answer>",), {"prefix": "<think>"}, 1.0),
   # ---- DAPO overlong shaping: Lmax=100, Lc=20
   ("len-short", O, (80, 100, 20), {}, 0.0),

@@ -18,8 +18,9 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-KINDS = ("arithmetic", "countdown", "mixed", "addsub", "chain", "r1zero")
+KINDS = ("arithmetic", "countdown", "mixed", "addsub", "chain", "r1zero", "r1")
 PROBLEM_KINDS = ("arithmetic", "countdown", "addsub", "chain")  # kinds with a gold answer (RL and eval tasks)
+CORPUS_KINDS = ("r1zero", "r1")  # corpora of framed documents, not problem streams
 TEST_SHARE = 10  # one problem text in TEST_SHARE is held out of every corpus and RL split (see split_of)
 
 
@@ -191,8 +192,8 @@ _MAKERS = {"arithmetic": _arithmetic, "countdown": _countdown, "addsub": _addsub
 
 def problem_at(seed: int, index: int, kind: str = "mixed") -> dict[str, Any]:
   """Problem `index` of the stream `seed`: prompt, solution, answer, target (ground truth), text."""
-  if kind not in KINDS or kind == "r1zero":
-    raise ValueError(f"unknown procedural kind {kind!r}; expected one of {[k for k in KINDS if k != 'r1zero']}")
+  if kind not in KINDS or kind in CORPUS_KINDS:
+    raise ValueError(f"unknown procedural kind {kind!r}; expected one of {[k for k in KINDS if k not in CORPUS_KINDS]}")
   rng = random.Random(f"rl_jax.procedural/{seed}/{index}")  # str seeds hash stably (sha512)
   if kind == "mixed":
     kind = rng.choice(("arithmetic", "countdown"))
@@ -215,15 +216,26 @@ R1ZERO_FRAME = "User: {q} Think in <think> </think>, answer in <answer> </answer
 R1ZERO_FORMS = (("tagged", 0.15), ("worked", 0.45), ("direct", 0.40))
 
 
+def question(p: dict[str, Any]) -> str:
+  """The bare question of a problem (its prompt without the corpus' "Q: " / " A:" cues)."""
+  return p["prompt"].removeprefix("Q: ").removesuffix(" A:")
+
+
+def _train_problem(seed: int, index: int, task: str) -> dict[str, Any]:
+  """Problem `index` of a corpus: the first training-split problem of a few tried (never a held-out one)."""
+  for attempt in itertools.count():
+    p = problem_at(seed, index * 1009 + attempt, task)
+    if split_of(question(p)) == "train":
+      return p
+  raise AssertionError("unreachable")
+
+
 def r1zero_document(seed: int, index: int, task: str = "chain") -> str:
   """Document `index`: a training-split `task` problem, framed as Q/A or as the R1-Zero conversation, solved in
   one of R1ZERO_FORMS (tags + worked steps; worked steps then "so the answer is"; the answer alone)."""
-  for attempt in itertools.count():
-    p = problem_at(seed, index * 1009 + attempt, task)
-    if split_of(p["prompt"].removeprefix("Q: ").removesuffix(" A:")) == "train":
-      break
+  p = _train_problem(seed, index, task)
   rng = random.Random(f"rl_jax.r1zero/{seed}/{index}")
-  q = p["prompt"].removeprefix("Q: ").removesuffix(" A:")
+  q = question(p)
   frame = p["prompt"] if rng.random() < 0.5 else R1ZERO_FRAME.format(q=q)
   form = rng.choices([f for f, _ in R1ZERO_FORMS], [w for _, w in R1ZERO_FORMS])[0]
   steps = "; ".join(p["steps"])
@@ -231,9 +243,42 @@ def r1zero_document(seed: int, index: int, task: str = "chain") -> str:
   return f"{frame} {body}"
 
 
+# R1 corpus: the R1-Zero forms, plus documents of a generative judge in exactly the rubric rl_jax.judge prompts
+# with (correct and incorrect proposed answers, about half each), plus tagged solutions whose reasoning steps are
+# written in another script ("3加4=7"), the language mixing that R1's language-consistency reward corrects.
+JUDGE_FRAME = "Check: {q} Proposed: {a}. Correct? Assistant:"
+R1_FORMS = (("r1zero", 0.6), ("judge", 0.3), ("mixed", 0.1))
+MIXED_PLUS = "加"  # "plus" in Chinese: a CJK word inside the CoT
+
+
+def judge_document(p: dict[str, Any], proposed: str) -> str:
+  """The judge's worked verdict on `proposed` for problem `p`: re-solve, then yes / no."""
+  verdict = "yes" if proposed == p["answer"] else "no"
+  steps = "; ".join(p["steps"])
+  return f"{JUDGE_FRAME.format(q=question(p), a=proposed)} <think>{steps}, so {p['answer']}</think><answer>{verdict}</answer>"
+
+
+def r1_document(seed: int, index: int, task: str = "chain") -> str:
+  """Document `index` of the R1 corpus: one of R1_FORMS on a training-split `task` problem."""
+  rng = random.Random(f"rl_jax.r1/{seed}/{index}")
+  form = rng.choices([f for f, _ in R1_FORMS], [w for _, w in R1_FORMS])[0]
+  if form == "r1zero":
+    return r1zero_document(seed, index, task)
+  p = _train_problem(seed, index, task)
+  if form == "judge":
+    wrong = max(0, int(p["answer"]) + rng.choice((-3, -2, -1, 1, 2, 3)))
+    proposed = p["answer"] if rng.random() < 0.5 or str(wrong) == p["answer"] else str(wrong)
+    return judge_document(p, proposed)
+  frame = p["prompt"] if rng.random() < 0.5 else R1ZERO_FRAME.format(q=question(p))
+  steps = "; ".join(s.replace("+", MIXED_PLUS) for s in p["steps"])
+  return f"{frame} <think>{steps}</think><answer>{p['answer']}</answer>"
+
+
 def document_at(seed: int, index: int, kind: str = "mixed") -> str:
   if kind == "r1zero":
     return r1zero_document(seed, index)
+  if kind == "r1":
+    return r1_document(seed, index)
   return problem_at(seed, index, kind)["text"]
 
 

@@ -42,6 +42,21 @@ TEMPLATES = {
 }
 
 
+def fewshot_template(kind: str = "chain", n: int = 2, seed: int = 7) -> str:
+  """R1's cold-start prompt: `n` worked, tagged training-split `kind` problems, then the question in the same
+  Q/A form, so a base model continues with a tagged long-CoT answer."""
+  shots, i = [], 0
+  while len(shots) < n:
+    p = procedural.problem_at(seed, i, kind)
+    i += 1
+    if split_of(procedural.question(p)) == "train":
+      shots.append(p["text"])
+  return " ".join([*shots, "Q: {prompt} A:"])
+
+
+TEMPLATES["r1_fewshot"] = fewshot_template()  # few-shot long-CoT cold start for the chain-sum task
+
+
 def render(problem: dict[str, Any], template: str = "plain") -> str:
   """The prompt text the model sees: a template name from TEMPLATES or a format string with `{prompt}`."""
   fmt = TEMPLATES.get(template, template)
