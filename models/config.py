@@ -69,6 +69,8 @@ class ModelConfig:
   moe_capacity_factor: float | None = None  # None: dropless (ragged_dot); else capacity = cf*T*K/E per expert
   # --- multi-token prediction ---
   num_nextn_predict_layers: int = 0
+  # --- reward model ---
+  score_head: bool = False  # a scalar head `score` [hidden, 1] (a Bradley-Terry reward model; never in HF files)
   # --- numerics ---
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -125,6 +127,8 @@ class ModelConfig:
         )
     if self.num_nextn_predict_layers and not self.is_mla:
       bad("num_nextn_predict_layers", "must be 0: multi-token prediction is only implemented for deepseek_v3")
+    if not isinstance(self.score_head, bool):
+      bad("score_head", f"must be true or false, got {self.score_head!r}")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       bad("moe_capacity_factor", f"must be > 0 or null, got {self.moe_capacity_factor}")
     return self

@@ -265,6 +265,8 @@ def save_hf(
 ) -> None:
   """Writes config.json + safetensors (sharded with an index past `max_shard_bytes`), HF layout."""
   cfg: ModelConfig = model.cfg
+  if cfg.score_head:
+    raise ValueError("save_hf: a reward model (score_head=true) has no HF causal-LM equivalent; not exported")
   os.makedirs(path, exist_ok=True)
   flat = dict(nnx.to_flat_state(nnx.state(model)))
   tensors = []  # (name, shape, dtype, produce)

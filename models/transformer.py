@@ -72,6 +72,8 @@ class Transformer(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
     self.mtp = nnx.List([MTPModule(cfg, rngs) for _ in range(cfg.num_nextn_predict_layers)])
+    if cfg.score_head:  # zero-initialised: a fresh reward model scores every sequence alike
+      self.score = param(rngs, (cfg.hidden_size, 1), ("embed", None), cfg, init="zeros")
     self.dtype = DTYPES[cfg.dtype]
 
   def __call__(self, tokens_BT):
@@ -81,6 +83,12 @@ class Transformer(nnx.Module):
     w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
     logits_BTV = (h_BTD @ w.astype(self.dtype)).astype(jnp.float32)
     return constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+
+  def scores(self, h_BTD):
+    """Per-position scalar scores [B, T] float32 of the score head (`score_head` models) on final hidden states."""
+    if not self.cfg.score_head:
+      raise ValueError("the model has no score head (model.score_head=false)")
+    return (h_BTD.astype(jnp.float32) @ self.score[...].astype(jnp.float32))[..., 0]
 
   def embed_tokens(self, tokens_BT):
     return constrain(self.embed[...].astype(self.dtype)[tokens_BT], ACT_BTD)

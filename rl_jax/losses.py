@@ -214,3 +214,148 @@ def chunked_token_logprobs(head_fn, hidden_BTD, targets_BT, *, chunk: int = 256,
   lp, ent = jax.lax.map(lambda a: one(*a), (h, tg))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(B, n * c)[:, :T]
   return unchunk(lp), unchunk(ent)
+
+
+# ------------------------------------------------------------------ distillation (teacher -> student logits)
+# P is the teacher's distribution, Q the student's, both of logits / temperature. Per token [B, T]; averaged
+# over mask=1 tokens; no T^2 factor (scale the loss weight instead).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check_divergence(divergence: str, temperature: float, jsd_beta: float) -> None:
+  if divergence not in DIVERGENCES:
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+  if not temperature > 0:
+    raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+  if not 0.0 <= jsd_beta <= 1.0:
+    raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
+
+
+def _kl(logp_a, logp_b):
+  """KL(A || B) over the last axis from log-probs (terms with a = 0 contribute 0)."""
+  return (jnp.exp(logp_a) * (logp_a - logp_b)).sum(-1)
+
+
+def _jsd(logp, logq, beta: float, q_rest=None):
+  """beta KL(P||M) + (1 - beta) KL(Q||M), M = beta P + (1 - beta) Q, log M by logsumexp. `q_rest` [...]: Q's
+  mass outside the given support, where P = 0, so M = (1 - beta) Q there and KL(Q||M) gains q_rest log 1/(1-beta)."""
+  if beta <= 0.0 or beta >= 1.0:  # M is Q (or P): both terms vanish
+    return jnp.zeros(logp.shape[:-1], jnp.float32)
+  logm = jnp.logaddexp(logp + jnp.log(beta), logq + jnp.log1p(-beta))
+  out = beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+  if q_rest is not None:
+    out = out - (1.0 - beta) * q_rest * jnp.log1p(-beta)
+  return out
+
+
+def _token_divergence(logq_V, teacher, divergence: str, temperature: float, jsd_beta: float):
+  """(divergence, teacher entropy, top-1 agreement) per token from the student's log-probs [..., V] and the
+  teacher: its logits [..., V], or a (values, indices) pair [..., k] of its top-k logits (see distill_loss_topk)."""
+  if isinstance(teacher, (tuple, list)):
+    values, indices = teacher
+    logp = jax.nn.log_softmax(values.astype(jnp.float32) / temperature, axis=-1)  # P renormalised over its top k
+    logq_k = jnp.take_along_axis(logq_V, indices, axis=-1)  # the student's full-vocab log-probs there
+    if divergence == "forward_kl":
+      div = _kl(logp, logq_k)
+    elif divergence == "reverse_kl":  # Q renormalised over the same k tokens: KL(Q || P_k) is infinite otherwise
+      div = _kl(jax.nn.log_softmax(logq_k, axis=-1), logp)
+    else:
+      div = _jsd(logp, logq_k, jsd_beta, q_rest=jnp.maximum(1.0 - jnp.exp(logq_k).sum(-1), 0.0))
+    teacher_top1 = jnp.take_along_axis(indices, jnp.argmax(values, axis=-1)[..., None], axis=-1)[..., 0]
+  else:
+    logp = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
+    div = {"forward_kl": lambda: _kl(logp, logq_V), "reverse_kl": lambda: _kl(logq_V, logp)}.get(
+      divergence, lambda: _jsd(logp, logq_V, jsd_beta)
+    )()
+    teacher_top1 = jnp.argmax(logp, axis=-1)
+  entropy = -(jnp.exp(logp) * logp).sum(-1)
+  agree = (jnp.argmax(logq_V, axis=-1) == teacher_top1).astype(jnp.float32)
+  return div, jax.lax.stop_gradient(entropy), jax.lax.stop_gradient(agree)
+
+
+def _masked_metrics(div, entropy, agree, mask_BT):
+  mask = mask_BT.astype(jnp.float32)
+  n = jnp.maximum(mask.sum(), 1.0)
+  loss = (div * mask).sum() / n
+  return loss, {"kd": loss, "teacher_entropy": (entropy * mask).sum() / n, "agreement": (agree * mask).sum() / n}
+
+
+def distill_loss(
+  student_logits, teacher_logits, mask, *, divergence: str = "forward_kl", temperature: float = 1.0, jsd_beta=0.5
+):
+  """Logit distillation, the reference definition; returns (loss, metrics {kd, teacher_entropy, agreement}).
+
+  P = softmax(teacher / T), Q = softmax(student / T) over the full vocabulary [B, T, V]; per token
+  forward_kl = KL(P||Q), reverse_kl = KL(Q||P), jsd = b KL(P||M) + (1 - b) KL(Q||M) with M = b P + (1 - b) Q
+  (b = jsd_beta; 0 at b in {0, 1}); averaged over mask=1 tokens, no T^2 factor. `agreement`: the fraction of
+  tokens where the student's argmax is the teacher's; `teacher_entropy`: H(P). The teacher gets no gradient."""
+  _check_divergence(divergence, temperature, jsd_beta)
+  logq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  teacher = jax.lax.stop_gradient(teacher_logits)
+  return _masked_metrics(*_token_divergence(logq, teacher, divergence, temperature, jsd_beta), mask)
+
+
+def distill_loss_topk(
+  student_logits,
+  teacher_values,
+  teacher_indices,
+  mask,
+  *,
+  divergence: str = "forward_kl",
+  temperature: float = 1.0,
+  jsd_beta=0.5,
+):
+  """distill_loss when the teacher gives only its top-k logits `teacher_values` [B, T, k] at vocabulary ids
+  `teacher_indices` [B, T, k]. Computed, per token, with P_k = softmax(values / T) (the teacher renormalised
+  over its k tokens, zero elsewhere) and q_i = softmax(student / T)_i the student's FULL-vocabulary probs:
+    forward_kl = sum_{i in K} p_i (log p_i - log q_i) = KL(P_k || Q) exactly;
+    jsd        = KL with M = b P_k + (1 - b) Q over the whole vocabulary, exactly: the k terms plus, outside K
+                 (where M = (1 - b) Q), (1 - b) (1 - sum_{i in K} q_i) log 1/(1 - b);
+    reverse_kl = KL(Q_k || P_k), Q_k = Q renormalised over K (KL(Q || P_k) is infinite when Q has mass outside K).
+  With k = V (any order) all three equal distill_loss."""
+  _check_divergence(divergence, temperature, jsd_beta)
+  logq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  teacher = (jax.lax.stop_gradient(teacher_values), teacher_indices)
+  return _masked_metrics(*_token_divergence(logq, teacher, divergence, temperature, jsd_beta), mask)
+
+
+def chunked_distill_loss(
+  head_fn,
+  hidden_BTD,
+  teacher,
+  mask_BT,
+  *,
+  targets_BT=None,
+  chunk: int = 256,
+  divergence: str = "forward_kl",
+  temperature: float = 1.0,
+  jsd_beta=0.5,
+):
+  """distill_loss (teacher logits [B, T, V]) or distill_loss_topk (teacher a (values, indices) pair [B, T, k])
+  from the student's final hidden states: `head_fn(h [B, c, D]) -> logits` runs on `chunk` positions at a time
+  and is recomputed in the backward pass, so no [B, T, V] student logits exist whole. With `targets_BT` the
+  metrics also hold `ce`, the next-token cross-entropy (at temperature 1) on the same mask=1 tokens, which is
+  differentiable like the loss. Returns (loss, metrics)."""
+  _check_divergence(divergence, temperature, jsd_beta)
+  B, T, D = hidden_BTD.shape
+  c = min(chunk, T)
+  n = -(-T // c)
+  split = lambda x: jnp.pad(x, [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2)).reshape(B, n, c, *x.shape[2:]).swapaxes(0, 1)  # fmt: skip
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
+  targets = jnp.zeros((B, T), jnp.int32) if targets_BT is None else targets_BT
+
+  @jax.checkpoint
+  def one(h_BcD, t_Bc, teacher_c):
+    logits = head_fn(h_BcD).astype(jnp.float32)
+    logq = jax.nn.log_softmax(logits / temperature, axis=-1)
+    div, ent, agree = _token_divergence(logq, teacher_c, divergence, temperature, jsd_beta)
+    logp_target = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), t_Bc[..., None], axis=-1)[..., 0]
+    return div, ent, agree, logp_target
+
+  per = jax.lax.map(lambda a: one(*a), (split(hidden_BTD), split(targets), jax.tree.map(split, teacher)))
+  div, ent, agree, logp = (x.swapaxes(0, 1).reshape(B, n * c)[:, :T] for x in per)
+  loss, metrics = _masked_metrics(div, ent, agree, mask_BT)
+  if targets_BT is not None:
+    mask = mask_BT.astype(jnp.float32)
+    metrics["ce"] = -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  return loss, metrics

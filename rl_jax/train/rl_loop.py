@@ -22,6 +22,7 @@ from rl_jax import evaluate, rollout
 from rl_jax import rewards as R
 from rl_jax.config import RunConfig
 from rl_jax.data import tokenizer as toks
+from rl_jax.reward_model import RewardModel
 from rl_jax.train import grpo as G
 from rl_jax.train import runner
 from rl_jax.train import state as S
@@ -89,6 +90,7 @@ class Rollouts:
       weights=weights, think_prefix="<think>" if g.think_prefix else "", max_tokens=budget, overlong_buffer=buffer
     )
     self.seq_len = g.max_prompt_len + g.max_new_tokens
+    self.rm = RewardModel.load(g.reward_model) if "rm" in g.rewards else None  # loaded once, kept on the device
 
   def __iter__(self):
     return self
@@ -112,6 +114,7 @@ class Rollouts:
         top_p=g.top_p, seed=self.ctx.run.train.seed * 1_000_003 + self.step * 101 + rounds, spec=self.spec,
         pool=self.pool,
       )  # fmt: skip
+      self._add_rm(ro)
       sample_s, score_s = sample_s + ro.sample_s, score_s + ro.score_s
       ok = rollout.informative_groups(ro.rewards, g.group_size)
       first_all_equal = 1.0 - ok.mean() if first_all_equal is None else first_all_equal
@@ -123,6 +126,15 @@ class Rollouts:
     ro = rollout.concat(chosen)
     host = self._metrics(ro, first_all_equal, rounds, sample_s, score_s)
     return rollout.assemble(ro, self.seq_len), host
+
+  def _add_rm(self, ro: rollout.Rollout) -> None:
+    """The reward model's sigmoid score as component "rm", its weighted value added to the rule rewards."""
+    if self.rm is None:
+      return
+    t0 = time.perf_counter()
+    ro.components["rm"] = self.rm.score([p["prompt"] for p in ro.problems], ro.texts)
+    ro.rewards = (ro.rewards + self.g.rewards["rm"] * ro.components["rm"]).astype(np.float32)
+    ro.score_s += time.perf_counter() - t0
 
   def _metrics(self, ro: rollout.Rollout, all_equal: float, rounds: int, sample_s: float, score_s: float) -> dict:
     lengths = ro.result.lengths
