@@ -187,6 +187,35 @@ def cmd_pretrain(args) -> None:
     )
 
 
+def cmd_sft(args) -> None:
+  from rl_jax.train import sft
+
+  run = _run_config(args)
+  last = sft.train(run)
+  where = sft.run_dir_of(run)
+  if last:
+    print(f"sft done: step {last['step']}, loss {last['loss']:.4f} -> {where}")
+  else:
+    print(f"sft done: {where} is already at train.steps={run.train.steps}")
+
+
+def cmd_distill(args) -> None:
+  import dataclasses
+
+  from rl_jax.train import distill
+
+  run = _run_config(args)
+  if args.teacher:
+    run = dataclasses.replace(run, distill=dataclasses.replace(run.distill, teacher=args.teacher))
+  last = distill.train(run)
+  where = run.run_dir or "runs/distill"
+  if last:
+    kd = f"kd {last['kd']:.4f}, " if "kd" in last else ""
+    print(f"distill done: step {last['step']}, {kd}loss {last['loss']:.4f} -> {where}")
+  else:
+    print(f"distill done: {where} is already at train.steps={run.train.steps}")
+
+
 def cmd_grpo(args) -> None:
   from rl_jax.train import rl_loop
 
@@ -195,6 +224,18 @@ def cmd_grpo(args) -> None:
   if last:
     print(
       f"grpo done: step {last['step']}, reward {last.get('reward', float('nan')):.3f} -> {run.run_dir or 'runs/grpo'}"
+    )
+
+
+def cmd_train_rm(args) -> None:
+  from rl_jax.train import rm
+
+  run = _run_config(args)
+  last = rm.train(run, stage="train-rm")
+  if last:
+    print(
+      f"train-rm done: step {last['step']}, loss {last['loss']:.4f}, pair accuracy {last['accuracy']:.3f} "
+      f"-> {run.run_dir or 'runs/train-rm'}"
     )
 
 
@@ -214,6 +255,21 @@ def cmd_eval(args) -> None:
       f.write(text + "\n")
   keys = ("task", "k", "pass@1", "cons@k", "pass@1_lenient", "format_rate", "mean_response_tokens")
   print(json.dumps({k: res[k] for k in keys}) if args.out else text)
+
+
+def cmd_rejection_sample(args) -> None:
+  from rl_jax import rejection
+
+  filters = tuple(f for f in args.filters.split(",") if f) + (("judge",) if args.judge else ())
+  spec = rejection.RejectionSpec(
+    task=args.task, split=args.split, num_problems=args.num_problems, num_samples=args.num_samples,
+    template=args.template, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+    temperature=args.temperature, top_p=args.top_p, seed=args.seed, keep_per_prompt=args.keep_per_prompt,
+    filters=tuple(dict.fromkeys(filters)), dedupe=not args.no_dedupe, think_prefix=args.think_prefix,
+    stop=args.stop, max_len=args.max_len,
+  )  # fmt: skip
+  info = rejection.run(args.checkpoint, spec, args.out, judge_checkpoint=args.judge)
+  print(f"rejection-sample -> {args.out}: {rejection.summary_line(info)}")
 
 
 def cmd_pipeline(args) -> None:
@@ -296,9 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(fn=cmd_pretrain)
 
+  p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response or chat data (response loss only); resumes")
+  _add_run_args(p)
+  p.set_defaults(fn=cmd_sft)
+
+  p = sub.add_parser(
+    "distill", help="distil into the run's model (or --init): SFT on teacher traces, or logits of --teacher; resumes"
+  )
+  _add_run_args(p)
+  p.add_argument("--teacher", help="teacher checkpoint sharing the student's tokenizer (sets distill.teacher)")
+  p.set_defaults(fn=cmd_distill)
+
   p = sub.add_parser("grpo", help="GRPO / DAPO / Dr. GRPO / GSPO reasoning RL from --init; resumes")
   _add_run_args(p)
   p.set_defaults(fn=cmd_grpo)
+
+  p = sub.add_parser("train-rm", help="Bradley-Terry reward model from --init on preference pairs; resumes")
+  _add_run_args(p)
+  p.set_defaults(fn=cmd_train_rm)
 
   p = sub.add_parser("eval", help="R1's evaluation protocol on held-out problems: pass@1, cons@k, format rate")
   p.add_argument("--checkpoint", required=True)
@@ -312,6 +383,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--template", help="prompt template (default: the checkpoint's grpo.template)")
   p.add_argument("--out", help="write the full JSON here")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("rejection-sample", help="N samples per prompt, filtered, deduplicated, capped: an SFT dataset")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--num-samples", type=int, required=True, help="samples per prompt")
+  p.add_argument("--out", required=True, help="directory for kept.jsonl, tfds/, pairs.jsonl, stats.json")
+  p.add_argument("--task", default="chain", help="procedural kind, .jsonl file, rg:NAME or tfds:NAME")
+  p.add_argument("--split", default="train")
+  p.add_argument("--num-problems", type=int, default=64)
+  p.add_argument("--keep-per-prompt", type=int, default=4, help="cap after dedupe; 0 = none")
+  p.add_argument("--judge", help="generative judge checkpoint (adds the judge filter)")
+  p.add_argument("--filters", default="correct,format,language,repetition", help="comma list")
+  p.add_argument("--template", default="r1_zero_short", help="prompt template (r1_fewshot: cold start)")
+  p.add_argument("--max-prompt-len", type=int, default=128)
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stop", help="cut completions after this text (default: </answer> for r1_fewshot, else none)")
+  p.add_argument("--think-prefix", default="", help="what the template pre-fills, e.g. <think>")
+  p.add_argument("--max-len", type=int, default=0, help="most response tokens kept; 0 = no limit")
+  p.add_argument("--no-dedupe", action="store_true")
+  p.set_defaults(fn=cmd_rejection_sample)
 
   p = sub.add_parser("pipeline", help="run a pipeline of stages (configs/pipelines/), skipping finished ones")
   p.add_argument("file", help="pipeline YAML (path or shipped name, e.g. pipelines/r1_zero_tiny)")

@@ -45,13 +45,13 @@ TEACHER_KEYS = ("teacher_values", "teacher_indices")
 
 
 def train(run: RunConfig, *, stage: str = "distill") -> dict:
-  """Runs (or resumes) a distillation stage; returns the last logged metrics."""
+  """Runs (or resumes) a distillation stage; returns the last logged metrics. Without a teacher it is R1's
+  distillation: SFT of the student on the teacher's traces (data.source, e.g. rejection-sampled kept.jsonl)."""
   d, t = run.distill, run.train
   if not d.teacher:
-    raise ValueError(
-      "rl-jax distill needs a teacher checkpoint: pass --teacher DIR or set distill.teacher "
-      "(distillation by SFT on the teacher's traces is rl-jax sft)"
-    )
+    from rl_jax.train import sft
+
+    return sft.train(run, stage=stage)
   with runner.setup(run, stage) as ctx:
     tok_dir, make_data = _data(ctx)
     check_shared_tokenizer(d.teacher, ckpt.read_model_config(d.teacher).vocab_size, tok_dir, ctx.model_cfg.vocab_size)
