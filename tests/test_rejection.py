@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -128,9 +129,16 @@ def test_r1_corpus_has_judge_and_mixed_docs_and_no_held_out_problem():
     cot = d[d.rindex("<think>") :]
     assert R.language_reward(cot) < 1.0 and R.format_reward(cot) == 1.0
   questions = [d.split("Check: ")[-1].split(" Proposed")[0] for d in judge]
-  questions += [d.removeprefix("Q: ").split(" A:")[0] for d in docs if d.startswith("Q: ")]
+  questions += [q for d in docs if d.startswith("Q: ") for q in re.findall(r"Q: (.*?) A:", d)]  # worksheets: all
+  sheets = [d for d in docs if d.count("Q: ") > 1]
+  assert 0.1 < len(sheets) / len(docs) < 0.2
+  for d in sheets:  # one form throughout: all tagged, all worked, or all bare answers
+    n = d.count("Q: ")
+    assert d.count("<answer>") in (0, n) and d.count("so the answer is") in (0, n), d
   questions += [d.removeprefix("User: ").split(" Think in")[0] for d in docs if d.startswith("User: ")]
-  assert len(questions) == len(docs) and all(tasks.split_of(q) == "train" for q in questions)
+  assert len(questions) == len(docs) + sum(d.count("Q: ") - 1 for d in sheets) and all(
+    tasks.split_of(q) == "train" for q in questions
+  )
   assert "r1" in procedural.KINDS and procedural.PROBLEM_KINDS == ("arithmetic", "countdown", "addsub", "chain")
   with pytest.raises(ValueError, match="unknown procedural kind"):
     procedural.problem_at(0, 0, "r1")

@@ -247,7 +247,10 @@ def r1zero_document(seed: int, index: int, task: str = "chain") -> str:
 # with (correct and incorrect proposed answers, about half each), plus tagged solutions whose reasoning steps are
 # written in another script ("3加4=7"), the language mixing that R1's language-consistency reward corrects.
 JUDGE_FRAME = "Check: {q} Proposed: {a}. Correct? Assistant:"
-R1_FORMS = (("r1zero", 0.6), ("judge", 0.3), ("mixed", 0.1))
+# "worksheet": 2-3 problems in one document, all solved in the same R1ZERO_FORMS form: documents whose style
+# persists teach a model to continue a few-shot prompt in the shots' form (R1's few-shot cold start needs that,
+# and packed rows never let one document attend to another).
+R1_FORMS = (("r1zero", 0.5), ("judge", 0.25), ("worksheet", 0.15), ("mixed", 0.1))
 MIXED_PLUS = "加"  # "plus" in Chinese: a CJK word inside the CoT
 
 
@@ -258,12 +261,26 @@ def judge_document(p: dict[str, Any], proposed: str) -> str:
   return f"{JUDGE_FRAME.format(q=question(p), a=proposed)} <think>{steps}, so {p['answer']}</think><answer>{verdict}</answer>"
 
 
+def worksheet_document(seed: int, index: int, task: str, rng: random.Random) -> str:
+  """2-3 training-split problems as "Q: ... A: ..." in a row, every one solved in the same R1ZERO_FORMS form."""
+  form = rng.choices([f for f, _ in R1ZERO_FORMS], [w for _, w in R1ZERO_FORMS])[0]
+  parts = []
+  for j in range(rng.choice((2, 3))):
+    p = _train_problem(seed, index * 7 + j + 1_000_003, task)
+    steps = "; ".join(p["steps"])
+    body = {"tagged": p["solution"], "worked": f"{steps}, so the answer is {p['answer']}.", "direct": p["answer"]}[form]
+    parts.append(f"{p['prompt']} {body}")
+  return " ".join(parts)
+
+
 def r1_document(seed: int, index: int, task: str = "chain") -> str:
   """Document `index` of the R1 corpus: one of R1_FORMS on a training-split `task` problem."""
   rng = random.Random(f"rl_jax.r1/{seed}/{index}")
   form = rng.choices([f for f, _ in R1_FORMS], [w for _, w in R1_FORMS])[0]
   if form == "r1zero":
     return r1zero_document(seed, index, task)
+  if form == "worksheet":
+    return worksheet_document(seed, index, task, rng)
   p = _train_problem(seed, index, task)
   if form == "judge":
     wrong = max(0, int(p["answer"]) + rng.choice((-3, -2, -1, 1, 2, 3)))
