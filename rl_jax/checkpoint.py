@@ -38,6 +38,7 @@ def manager(
   handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   if train:
     handlers["train"] = ocp.StandardCheckpointHandler()
+  _quiet_orphaned_reads()
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
 
@@ -159,6 +160,24 @@ class CheckpointUnreadable(ValueError):
     earlier = [s for s in mngr.all_steps() if s < step]
     way_out = f"move it away to use step {max(earlier)}" if earlier else "no earlier checkpoint"
     super().__init__(f"{self.path}: checkpoint is unreadable ({self.why}); {way_out}")
+
+
+def _quiet_orphaned_reads() -> None:
+  """After a failed restore (a corrupt checkpoint), TensorStore reads still in flight finish on their threads and
+  call back into orbax's closed event loop, each printing an 'Event loop is closed' traceback (an unraisable
+  exception) that buries the one-line error. Drops exactly those; everything else reaches the previous hook."""
+  import sys
+
+  previous = sys.unraisablehook
+  if getattr(previous, "_rl_jax_quiet", False):
+    return
+
+  def hook(u):
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+      previous(u)
+
+  hook._rl_jax_quiet = True
+  sys.unraisablehook = hook
 
 
 def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:

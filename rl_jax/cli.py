@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -306,6 +307,9 @@ def cmd_bench(args) -> None:
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="rl-jax", description=__doc__.splitlines()[0])
+  ap.add_argument(
+    "--debug", action="store_true", help="full traceback instead of the one-line error (or RL_JAX_DEBUG=1)"
+  )
   sub = ap.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("convert", help="Hugging Face directory -> rl-jax checkpoint")
@@ -431,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
+  # --debug may also follow the command (the subparsers do not know it)
+  debug = args.debug or "--debug" in extra or os.environ.get("RL_JAX_DEBUG", "") not in ("", "0")
+  extra = [a for a in extra if a != "--debug"]
   # key=value overrides may come in several runs between options (argparse takes only the first run)
   stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
   if stray:
@@ -440,6 +447,9 @@ def main(argv=None) -> int:
   try:
     args.fn(args)
   except (ValueError, FileNotFoundError, ImportError) as e:  # config / checkpoint / data / extra: one line
+    if debug:
+      traceback.print_exc()
+      return 2
     print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr)
     return 2
   return 0

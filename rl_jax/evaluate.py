@@ -154,6 +154,7 @@ def run_eval(checkpoint: str, *, task: str | None = None, num_problems: int = 10
   from rl_jax import rollout
   from rl_jax.data import tokenizer as toks
 
+  ckpt.read_model_config(checkpoint)  # "not a checkpoint" before orbax's manager creates a missing directory
   meta = ckpt.read_meta(checkpoint)
   grpo = (meta.get("run_config") or {}).get("grpo") or {}
   task = task or default_task(meta)

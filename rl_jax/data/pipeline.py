@@ -303,7 +303,10 @@ def prepare_tokenizer(
     docs = document_dataset(source, seed=seed, text_field=text_field)
     tok = tokenizer_lib.train_bpe((docs[i] for i in range(min(len(docs), 4000))), vocab_size=vocab_size)
   if tok.get_vocab_size() > vocab_size:
-    raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is {vocab_size}")
+    raise ValueError(
+      f"{f'tokenizer {given} (data.tokenizer)' if given else 'the trained tokenizer'} has {tok.get_vocab_size()} "
+      f"tokens but model.vocab_size is {vocab_size}"
+    )
   if write:
     tokenizer_lib.save(tok, saved)
   return tok, saved
