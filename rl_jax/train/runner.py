@@ -8,7 +8,8 @@ A stage brings its own step function, batch source and metrics (rl_jax/train/loo
 The loop reads a step's metrics only after dispatching the next step, so the host never idles the device;
 rerunning the same command resumes from the newest checkpoint as if the run had never stopped (an
 unreadable newest checkpoint is moved aside and the previous one used), and with a larger train.steps
-extends a finished run. A step whose loss, gradients or update are not finite is skipped inside the jitted
+extends a finished run. SIGTERM (preemption) lets the step in flight finish, checkpoints it and exits
+with status 143 (Preempted). A step whose loss, gradients or update are not finite is skipped inside the jitted
 step (its `skipped` metric); the host counts them every step and stops after train.max_bad_steps in a row.
 """
 
@@ -18,7 +19,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -43,6 +46,14 @@ class Diverged(FloatingPointError, ValueError):
 
 class TooManyBadSteps(Diverged):
   """train.max_bad_steps consecutive steps were skipped as non-finite (their state was never applied)."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM (a preemptible VM going away): the step in flight finished and was checkpointed; the process
+  exits with status 128 + SIGTERM = 143, as if killed by it, and rerunning the same command resumes."""
+
+  def __init__(self):
+    super().__init__(128 + signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -202,13 +213,18 @@ def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hoo
   ctx.writer = report.MetricsWriter(ctx.run_dir, total_steps=last, start_step=ctx.start, enabled=lead, desc=ctx.stage)
   pending = None
   try:
-    for step in range(ctx.start + 1, last + 1):
-      ctx.state, metrics = step_fn(ctx.state, next(batches))
-      if pending is not None:  # the previous step's metrics: the device already has this step to run
-        done, pending = pending, None
-        _call(on_metrics, ctx, *done, last)
-      pending = (step, metrics)
-      _call(on_state, ctx, step, metrics, last)
+    with _sigterm_flag() as sigterm:
+      for step in range(ctx.start + 1, last + 1):
+        ctx.state, metrics = step_fn(ctx.state, next(batches))
+        if pending is not None:  # the previous step's metrics: the device already has this step to run
+          done, pending = pending, None
+          _call(on_metrics, ctx, *done, last)
+        pending = (step, metrics)
+        _call(on_state, ctx, step, metrics, last)
+        if sigterm.count:
+          done, pending = pending, None
+          _call(on_metrics, ctx, *done, last)  # its row and progress, before the checkpoint they belong to
+          _save_and_exit(ctx, step, metrics)
     if pending is not None:
       done, pending = pending, None
       _call(on_metrics, ctx, *done, last)
@@ -219,6 +235,41 @@ def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hoo
     raise
   finally:
     ctx.writer.close()
+
+
+class _Signals:
+  count = 0  # SIGTERMs received; the handler only counts, so a second one while saving changes nothing
+
+
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[_Signals]:
+  """Counts SIGTERMs instead of dying while the loop runs; the previous handler is back afterwards. Only in
+  the main thread (where Python delivers signals) of a single-process run: on several hosts every process
+  would have to stop at the same step, or the collective save hangs, so there SIGTERM still kills and the
+  newest periodic checkpoint is where the rerun resumes."""
+  got = _Signals()
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield got
+    return
+  prev = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(got, "count", got.count + 1))
+  try:
+    yield got
+  finally:
+    signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+
+
+def _save_and_exit(ctx: Context, step: int, metrics: dict) -> None:
+  """After SIGTERM: checkpoints `step` exactly like a periodic save (state + data position), waits until it
+  is on disk, says so in one line and exits with status 143."""
+  if ctx.saved != step:
+    save_checkpoint(ctx, step, metrics)
+  ctx.mngr.wait_until_finished()
+  if ctx.saved == step:
+    where = f"saved step {step} to {ctx.ckpt_dir}"
+  else:  # save_checkpoint does not save a non-finite (skipped) step
+    where = f"step {step} was skipped as non-finite and not saved ({_kept(ctx)} in {ctx.ckpt_dir})"
+  ctx.writer.bar.write(f"SIGTERM: {where}; rerun the same command to resume", file=sys.stderr)  # below the bar
+  raise Preempted()
 
 
 def _call(hooks: list[Hook], ctx: Context, step: int, metrics: dict, last: int) -> None:
