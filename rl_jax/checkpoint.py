@@ -25,6 +25,7 @@ from rl_jax import models
 from rl_jax.models.config import ModelConfig
 from rl_jax.models.config import from_dict as model_from_dict
 from rl_jax.models.configlib import ConfigError, to_dict
+from rl_jax.report import is_url, run_path
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -40,7 +41,7 @@ def manager(
     handlers["train"] = ocp.StandardCheckpointHandler()
   _quiet_orphaned_reads()
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=opts, item_handlers=handlers)
+  return ocp.CheckpointManager(run_path(directory), options=opts, item_handlers=handlers)
 
 
 def config_to_json(cfg: ModelConfig) -> dict[str, Any]:
@@ -61,10 +62,8 @@ def save_model(
   meta: dict[str, Any] | None = None,
 ) -> str:
   """Writes the model's params at `step` plus its config (and tokenizer files) to `directory`."""
-  os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "model_config.json"), "w") as f:
-      json.dump(config_to_json(model.cfg), f, indent=2)
+    write_model_config(directory, model.cfg)
     if tokenizer_dir:
       copy_tokenizer(tokenizer_dir, os.path.join(directory, "tokenizer"))
   state = nnx.state(model).to_pure_dict()
@@ -76,23 +75,38 @@ def save_model(
   return directory
 
 
-def copy_tokenizer(src: str, dst: str) -> None:
-  from rl_jax.models.hf import copy_tokenizer_files
+def write_model_config(directory: str, cfg: ModelConfig) -> None:
+  """<directory>/model_config.json (the directory is created; local or a URL)."""
+  d = run_path(directory)
+  d.mkdir(parents=True, exist_ok=True)
+  (d / "model_config.json").write_text(json.dumps(config_to_json(cfg), indent=2))
 
-  if os.path.realpath(src) == os.path.realpath(dst):  # a resumed run's tokenizer is already in place
+
+def copy_tokenizer(src: str, dst: str) -> None:
+  """Copies the HF tokenizer files of directory `src` that exist to `dst` (either local or a URL)."""
+  from rl_jax.models.hf import TOKENIZER_FILES
+
+  if _same_path(src, dst):  # a resumed run's tokenizer is already in place
     return
-  os.makedirs(dst, exist_ok=True)
-  copy_tokenizer_files(src, dst)
+  src, dst = run_path(src), run_path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for name in TOKENIZER_FILES:
+    if (src / name).exists():
+      (dst / name).write_bytes((src / name).read_bytes())
+
+
+def _same_path(a: str, b: str) -> bool:
+  if is_url(a) or is_url(b):
+    return os.fspath(a).rstrip("/") == os.fspath(b).rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
 
 
 def read_model_config(directory: str) -> ModelConfig:
-  path = os.path.join(directory, "model_config.json")
-  if not os.path.exists(path):
+  path = run_path(directory) / "model_config.json"
+  if not path.exists():
     raise CheckpointNotFound(f"{directory}: not an rl-jax checkpoint (no model_config.json)")
   try:
-    with open(path) as f:
-      data = json.load(f)
-    return config_from_json(data)
+    return config_from_json(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
   except ConfigError as e:
@@ -196,9 +210,14 @@ def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
     mngr.close()
 
 
+def is_checkpoint(directory: str) -> bool:
+  """Whether `directory` (local or a URL) holds an rl-jax checkpoint's model_config.json."""
+  return (run_path(directory) / "model_config.json").exists()
+
+
 def tokenizer_dir(directory: str) -> str | None:
   d = os.path.join(directory, "tokenizer")
-  return d if os.path.exists(os.path.join(d, "tokenizer.json")) else None
+  return d if (run_path(d) / "tokenizer.json").exists() else None
 
 
 # --------------------------------------------------------------------------------------- training state
@@ -208,12 +227,11 @@ def save_train(
   """Saves params (+ router bias) as `params` (what load_model reads), optimizer state and step as `train`,
   configs as `meta`, and this process's data-iterator state as JSON beside the checkpoints."""
   if data_state is not None and run_dir is not None:
-    d = os.path.join(run_dir, "data_state")
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".step_{step}_proc_{jax.process_index()}.json")
-    with open(tmp, "w") as f:
-      json.dump(data_state, f)
-    os.replace(tmp, os.path.join(d, f"step_{step}_proc_{jax.process_index()}.json"))
+    d = run_path(run_dir) / "data_state"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".step_{step}_proc_{jax.process_index()}.json"
+    tmp.write_text(json.dumps(data_state))
+    tmp.replace(d / f"step_{step}_proc_{jax.process_index()}.json")
   full = nnx.merge_state(state.params, state.bias).to_pure_dict()
   train = {"step": state.step, "opt_state": state.opt_state}
   if getattr(state, "ref", None) is not None:  # a stage's frozen reference model (GRPO)
@@ -227,11 +245,11 @@ def save_train(
     ),
   )
   if run_dir is not None:  # drop the iterator states of checkpoints orbax has deleted (checkpoint.keep)
-    d, suffix = os.path.join(run_dir, "data_state"), f"_proc_{jax.process_index()}.json"
+    d, suffix = run_path(run_dir) / "data_state", f"_proc_{jax.process_index()}.json"
     kept = set(mngr.all_steps()) | {step}
-    for name in os.listdir(d) if os.path.isdir(d) else ():
-      if name.startswith("step_") and name.endswith(suffix) and int(name[5 : -len(suffix)]) not in kept:
-        os.remove(os.path.join(d, name))
+    for p in d.iterdir() if d.is_dir() else ():
+      if p.name.startswith("step_") and p.name.endswith(suffix) and int(p.name[5 : -len(suffix)]) not in kept:
+        p.unlink()
 
 
 def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardings, run_dir: str | None = None):
@@ -269,8 +287,7 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
     state = state._replace(ref=ref)
   data_state = None
   if run_dir is not None:
-    p = os.path.join(run_dir, "data_state", f"step_{step}_proc_{jax.process_index()}.json")
-    if os.path.exists(p):
-      with open(p) as f:
-        data_state = json.load(f)
+    p = run_path(run_dir) / "data_state" / f"step_{step}_proc_{jax.process_index()}.json"
+    if p.exists():
+      data_state = json.loads(p.read_text())
   return state, data_state

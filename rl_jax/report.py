@@ -1,12 +1,29 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, a progress bar, and plots."""
+"""Run outputs: metrics.jsonl, TensorBoard events, a progress bar, and plots.
+
+Run directories may be local or URLs (gs://bucket/run on Cloud TPU VMs, no FUSE mount needed): every file
+in them is read and written through etils.epath, the path layer Orbax uses for the checkpoints."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 
+from etils import epath
 from tqdm import tqdm
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """gs://, s3://, ...: a path no local file call (open, os.path.abspath) may touch."""
+  return "://" in os.fspath(path)
+
+
+def run_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath.Path: a URL as it is (os.path.abspath would turn gs://b/r into <cwd>/gs:/b/r), a local
+  path made absolute."""
+  s = os.fspath(path)
+  return epath.Path(s if is_url(s) else os.path.abspath(s))
 
 
 class MetricsWriter:
@@ -14,17 +31,15 @@ class MetricsWriter:
 
   def __init__(self, run_dir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True, desc: str = "train"):
     self.enabled = enabled
-    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.path = run_path(run_dir) / "metrics.jsonl"
     self.tb = None
+    self.text = None  # a URL's metrics.jsonl as written so far: object stores cannot append, so each write rewrites it
     if enabled:
-      os.makedirs(run_dir, exist_ok=True)
+      self.path.parent.mkdir(parents=True, exist_ok=True)
       _truncate_after(self.path, start_step)
-      try:
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), flush_secs=10)
-      except ImportError:  # TensorBoard is optional for a run; metrics.jsonl is the record
-        self.tb = None
+      if is_url(self.path):
+        self.text = self.path.read_text() if self.path.exists() else ""
+      self.tb = _tensorboard(self.path.parent / "tb")
     self.bar = tqdm(
       total=total_steps, initial=start_step, desc=desc, disable=not enabled, dynamic_ncols=True, mininterval=1.0
     )
@@ -33,8 +48,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _num(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self.text is None:
+      with self.path.open("a") as f:
+        f.write(line)
+    else:
+      self.text += line
+      self.path.write_text(self.text)
     if self.tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -51,19 +71,55 @@ class MetricsWriter:
       self.tb.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
+def _tensorboard(directory: epath.Path):
+  """A tensorboardX SummaryWriter on `directory`, None without tensorboardX (optional: metrics.jsonl is the
+  record). A URL's event files go through epath too (tensorboardX alone knows only s3 and, with
+  google-cloud-storage and its credentials, gs)."""
+  try:
+    from tensorboardX import SummaryWriter, record_writer
+  except ImportError:
+    return None
+  if is_url(directory):
+    record_writer.register_writer_factory(os.fspath(directory).split("://")[0], _EpathEventsFactory())
+  return SummaryWriter(os.fspath(directory), flush_secs=10 if not is_url(directory) else 60)
+
+
+class _EpathEventsFactory:
+  """tensorboardX writer factory for URL directories: an event file is buffered in memory and rewritten whole
+  at each flush (objects cannot be appended to), as tensorboardX's own GCS writer does."""
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+  def open(self, path: str):
+    return _EpathEventsFile(path)
+
+
+class _EpathEventsFile:
+  def __init__(self, path: str):
+    self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+def _truncate_after(path: epath.Path, step: int) -> None:
   """A run (re)starting at `step` drops the rows logged past it (after its newest checkpoint, before a crash):
   the resumed run logs those steps again, so metrics.jsonl never holds a step twice."""
-  if not os.path.exists(path):
+  if not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
   if len(keep) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def _num(v):
@@ -75,11 +131,10 @@ def _num(v):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = run_path(run_dir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_metrics(run_dir: str, keys=("loss", "ce", "mtp", "load_imbalance", "lr", "tokens_per_s")) -> str | None:
@@ -101,8 +156,10 @@ def plot_metrics(run_dir: str, keys=("loss", "ce", "mtp", "load_imbalance", "lr"
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
-  out = os.path.join(run_dir, "plots", "metrics.png")
-  fig.savefig(out, dpi=90)
+  out = run_path(run_dir) / "plots" / "metrics.png"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()  # matplotlib writes local files only: render here, then write through epath
+  fig.savefig(buf, format="png", dpi=90)
   plt.close(fig)
-  return out
+  out.write_bytes(buf.getvalue())
+  return os.fspath(out)

@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import numpy as np
 import tokenizers
+from etils import epath
 
 from rl_jax.data import packing, procedural
 from rl_jax.data import tokenizer as tokenizer_lib
@@ -262,16 +263,16 @@ def make_iterator(
 
 
 def save_state(it: grain.DatasetIterator, path: str | os.PathLike) -> None:
-  """Writes the iterator state as JSON (atomically)."""
-  path = pathlib.Path(path)
+  """Writes the iterator state as JSON (atomically; local or a URL)."""
+  path = epath.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(it.get_state()))
   tmp.replace(path)
 
 
 def restore_state(it: grain.DatasetIterator, path: str | os.PathLike) -> grain.DatasetIterator:
-  """Sets the iterator state from a save_state file; returns the iterator."""
-  path = pathlib.Path(path)
+  """Sets the iterator state from a save_state file (local or a URL); returns the iterator."""
+  path = epath.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"no data iterator state at {path}")
   it.set_state(json.loads(path.read_text()))
@@ -295,7 +296,7 @@ def prepare_tokenizer(
   resuming, else `given` (a directory with tokenizer.json), else a byte-level BPE of `vocab_size`
   trained now on the first 4000 documents of `source`. `write`: save the copy (process 0 only)."""
   saved = os.path.join(run_dir, "tokenizer")
-  if os.path.exists(os.path.join(saved, "tokenizer.json")):
+  if (epath.Path(saved) / "tokenizer.json").exists():
     return tokenizer_lib.load(saved), saved
   if given:
     tok = tokenizer_lib.load(given)

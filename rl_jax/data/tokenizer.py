@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
+import os
 from collections.abc import Iterable, Sequence
 
 import tokenizers
+from etils import epath
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -87,11 +88,12 @@ def train_bpe(
   return tok
 
 
-def save(tok: tokenizers.Tokenizer, directory: str | pathlib.Path) -> pathlib.Path:
-  """Writes tokenizer.json + tokenizer_config.json (readable by HF AutoTokenizer); returns the dir."""
-  directory = pathlib.Path(directory)
+def save(tok: tokenizers.Tokenizer, directory: str | os.PathLike) -> epath.Path:
+  """Writes tokenizer.json + tokenizer_config.json (readable by HF AutoTokenizer) to a local or URL (gs://)
+  directory; returns the dir."""
+  directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  tok.save(str(directory / _TOKENIZER_FILE))
+  (directory / _TOKENIZER_FILE).write_text(tok.to_str(pretty=True))  # what tok.save writes, through epath
   config = {
     "tokenizer_class": "PreTrainedTokenizerFast",
     "bos_token": BOS,
@@ -106,14 +108,14 @@ def save(tok: tokenizers.Tokenizer, directory: str | pathlib.Path) -> pathlib.Pa
   return directory
 
 
-def load(path: str | pathlib.Path) -> tokenizers.Tokenizer:
-  """Loads a directory holding tokenizer.json, or a tokenizer.json file."""
-  path = pathlib.Path(path)
+def load(path: str | os.PathLike) -> tokenizers.Tokenizer:
+  """Loads a directory holding tokenizer.json, or a tokenizer.json file (local or a URL)."""
+  path = epath.Path(path)
   file = path / _TOKENIZER_FILE if path.is_dir() else path
   if not file.is_file():
     raise FileNotFoundError(f"no tokenizer at {file}")
   try:
-    return tokenizers.Tokenizer.from_file(str(file))
+    return tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
   except Exception as e:  # tokenizers raises a bare Exception on bad JSON
     raise ValueError(f"corrupt tokenizer file {file}: {e}") from None
 

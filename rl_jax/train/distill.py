@@ -18,6 +18,7 @@ response} or {messages}), else packed pretraining documents (every real token).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -159,8 +161,7 @@ def check_shared_tokenizer(teacher: str, teacher_vocab: int, student_tok_dir: st
 
 def _vocabulary(tok_dir: str) -> tuple:
   """What fixes the token ids of a tokenizer.json: its model (vocab, merges) and added tokens."""
-  with open(os.path.join(tok_dir, "tokenizer.json")) as f:
-    j = json.load(f)
+  j = json.loads((epath.Path(tok_dir) / "tokenizer.json").read_text())
   return json.dumps(j.get("model"), sort_keys=True), json.dumps(j.get("added_tokens"), sort_keys=True)
 
 
@@ -196,12 +197,12 @@ def write_cache(ctx: runner.Context, data, cache_dir: str) -> None:
   none missing the teacher is never loaded); the teacher is freed at the end."""
   run = ctx.run
   steps = run.train.steps
-  missing = [s for s in range(1, steps + 1) if not os.path.exists(cache_path(cache_dir, s))]
+  missing = [s for s in range(1, steps + 1) if not epath.Path(cache_path(cache_dir, s)).exists()]
   if not missing:
     return
   if jax.process_count() > 1:
     raise ValueError("distill.cache runs in one process; use distill.cache=false (online top_k) with several")
-  os.makedirs(cache_dir, exist_ok=True)
+  epath.Path(cache_dir).mkdir(parents=True, exist_ok=True)
   graphdef, params, bias = load_teacher(run.distill.teacher, run.train)
   top_k = jax.jit(lambda frozen, b: jax.lax.map(lambda mb: teacher_targets(graphdef, frozen, mb, run.distill.top_k), b))
   for step in range(1, max(missing) + 1):
@@ -209,20 +210,21 @@ def write_cache(ctx: runner.Context, data, cache_dir: str) -> None:
     if step not in missing:
       continue
     values, indices = jax.device_get(top_k((params, bias), ST.place_batch(rows, ctx.mesh, run.train.grad_accum)))
-    path = cache_path(cache_dir, step)
-    with open(path + ".tmp", "wb") as f:  # whole files only: a crash mid-write leaves no step_N.npz
-      np.savez(f, tokens=rows["tokens"], values=values.reshape(*rows["tokens"].shape, -1),
-               indices=indices.reshape(*rows["tokens"].shape, -1))  # fmt: skip
-    os.replace(path + ".tmp", path)
+    path, buf = epath.Path(cache_path(cache_dir, step)), io.BytesIO()
+    np.savez(buf, tokens=rows["tokens"], values=values.reshape(*rows["tokens"].shape, -1),
+             indices=indices.reshape(*rows["tokens"].shape, -1))  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")  # whole files only: a crash mid-write leaves no step_N.npz
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
   jax.tree.map(lambda x: x.delete(), (params, bias))
 
 
 def read_cache(cache_dir: str, step: int, tokens) -> dict:
   """Step `step`'s cached teacher top-k; its tokens must be the batch's."""
   path = cache_path(cache_dir, step)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise ValueError(f"{path}: no teacher cache for step {step}; rerun to write it")
-  with np.load(path) as z:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as z:
     if not np.array_equal(z["tokens"], tokens):
       raise ValueError(f"{path}: cached for other data than step {step}'s batch; delete {cache_dir} and rerun")
     return {"teacher_values": z["values"], "teacher_indices": z["indices"]}

@@ -59,8 +59,8 @@ def train(run: RunConfig, *, stage: str = "train-rm") -> dict:
 def _reward_model_config(run: RunConfig, stage: str) -> tuple[RunConfig, str]:
   """The run with the model section of --init (or of its own checkpoints when resuming) plus a score head,
   and that checkpoint's tokenizer directory."""
-  own = os.path.join(os.path.abspath(run.run_dir or os.path.join("runs", stage)), "checkpoints")
-  src = own if os.path.exists(os.path.join(own, "model_config.json")) else run.init
+  own = os.path.join(runner.run_dir_of(run, stage), "checkpoints")
+  src = own if ckpt.is_checkpoint(own) else run.init
   if not src:
     raise ValueError("rl-jax train-rm trains a checkpoint: pass --init CHECKPOINT (e.g. an RL or SFT run's)")
   tok_dir = ckpt.tokenizer_dir(src)

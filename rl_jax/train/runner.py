@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -102,7 +101,7 @@ def setup(run: RunConfig, stage: str) -> Iterator[Context]:
   """The stage's context, inside the run's mesh and sharding rules; at exit checkpoints finish and close."""
   smesh.maybe_initialize_distributed(run.mesh)
   mesh = smesh.mesh_from_config(run.mesh)
-  run_dir = os.path.abspath(run.run_dir or os.path.join("runs", stage))
+  run_dir = run_dir_of(run, stage)
   mcfg = S.train_model_config(model_config(run), run.train)
   with jax.set_mesh(mesh), srules.use_rules(run.mesh.rules):
     ST.check_batch(run.train, mesh)  # before anything is written or trained
@@ -116,13 +115,16 @@ def setup(run: RunConfig, stage: str) -> Iterator[Context]:
       ctx.mngr.close()
 
 
+def run_dir_of(run: RunConfig, stage: str) -> str:
+  """run.run_dir (a local path, made absolute, or a URL: gs://bucket/run) or runs/<stage>."""
+  return os.fspath(report.run_path(run.run_dir or os.path.join("runs", stage)))
+
+
 def write_run_files(ctx: Context, tokenizer_dir: str | None = None) -> None:
   """The checkpoint directory describes itself: model_config.json and the tokenizer (process 0 writes)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(ctx.ckpt_dir, exist_ok=True)
-  with open(os.path.join(ctx.ckpt_dir, "model_config.json"), "w") as f:
-    json.dump(ckpt.config_to_json(ctx.model_cfg), f, indent=2)
+  ckpt.write_model_config(ctx.ckpt_dir, ctx.model_cfg)
   if tokenizer_dir:
     ckpt.copy_tokenizer(tokenizer_dir, os.path.join(ctx.ckpt_dir, "tokenizer"))
 
@@ -194,7 +196,7 @@ def _move_aside(ctx: Context, bad: list[ckpt.CheckpointUnreadable], good: int) -
   for e in bad:
     dst = os.path.join(ctx.ckpt_dir, f"corrupt-{e.step}-{stamp}")
     if lead:
-      os.rename(e.path, dst)
+      report.run_path(e.path).rename(dst)
       print(f"warning: {e.path}: checkpoint is unreadable ({e.why}); moved to {dst}; resuming from step {good}",
             file=sys.stderr)  # fmt: skip
   if jax.process_count() > 1:  # every process sees the step gone before any saves it again

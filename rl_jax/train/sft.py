@@ -41,7 +41,7 @@ def train(run: RunConfig, *, stage: str = "sft") -> dict:
 
 
 def run_dir_of(run: RunConfig, stage: str = "sft") -> str:
-  return os.path.abspath(run.run_dir or os.path.join("runs", stage))
+  return runner.run_dir_of(run, stage)
 
 
 def _checkpoint_model(run: RunConfig, stage: str) -> tuple[RunConfig, str | None]:
@@ -51,7 +51,7 @@ def _checkpoint_model(run: RunConfig, stage: str) -> tuple[RunConfig, str | None
   own = os.path.join(run_dir_of(run, stage), "checkpoints")
   if run.init:
     run = dataclasses.replace(run, init=_as_checkpoint(run.init, run, stage))
-  src = own if os.path.exists(os.path.join(own, "model_config.json")) else run.init
+  src = own if ckpt.is_checkpoint(own) else run.init
   if not src:
     if not run.data.tokenizer:
       raise ValueError("rl-jax sft fine-tunes a model: pass --init CHECKPOINT_OR_HF_DIR (or data.tokenizer)")
@@ -68,7 +68,7 @@ def _as_checkpoint(path: str, run: RunConfig, stage: str) -> str:
   from rl_jax import models
 
   dst = os.path.join(run_dir_of(run, stage), "init_hf")
-  if not os.path.exists(os.path.join(dst, "model_config.json")):
+  if not ckpt.is_checkpoint(dst):
     model = models.load_hf(path, dtype=jnp.dtype(run.train.param_dtype))
     tok = path if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     ckpt.save_model(dst, model, tokenizer_dir=tok, meta={"source": os.path.abspath(path)})
@@ -78,7 +78,7 @@ def _as_checkpoint(path: str, run: RunConfig, stage: str) -> str:
 def _data(ctx: runner.Context, tok_dir: str | None):
   """(tokenizer dir, this process's checkpointable iterator of [B / processes, T] SFT rows)."""
   run, n_proc = ctx.run, jax.process_count()
-  if tok_dir is None and not os.path.exists(os.path.join(ctx.run_dir, "tokenizer", "tokenizer.json")):
+  if tok_dir is None and ckpt.tokenizer_dir(ctx.run_dir) is None:
     raise ValueError(f"{run.init}: no tokenizer/ to encode the SFT data with (set data.tokenizer)")
   tok, tokenizer_dir = pipeline.prepare_tokenizer(
     ctx.run_dir, ctx.model_cfg.vocab_size, given=tok_dir, write=jax.process_index() == 0
