@@ -15,12 +15,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rl_jax import rewards as R
 from rl_jax import sampling
 from rl_jax.data import procedural, tasks
 from rl_jax.data import tokenizer as toks
+from rl_jax.sharding.rules import shard_count
 
 
 def load_problems(task: str, split: str, n: int, seed: int = 0, *, data_dir: str | None = None) -> list[dict[str, Any]]:
@@ -65,8 +70,10 @@ class PromptSource:
       raise ValueError(f"{task}: no training problems (every line hashed into the held-out split?)")
     self._rg = tasks.ReasoningGymTask(task, seed) if task.startswith("rg:") else None
 
-  def take(self, n: int) -> list[dict[str, Any]]:
-    out = [self._at(self.index + i) for i in range(n)]
+  def take(self, n: int, part: slice = slice(None)) -> list[dict[str, Any]]:
+    """The stream's next `n` problems, or only their `part` (this process's share: every process advances by
+    all `n`, so the position stays the same on every process)."""
+    out = [self._at(self.index + i) for i in range(n)[part]]
     self.index += n
     return out
 
@@ -155,21 +162,77 @@ def completion_texts(tok, result: sampling.SampleResult, eos_id: int) -> list[st
 
 
 def rollout(model, tok, problems, *, group_size, template, max_prompt_len, max_new_tokens, temperature, top_p, seed,
-            spec: R.RewardSpec, pool=None) -> Rollout:  # fmt: skip
-  """G completions of each problem from `model` (dropless MoE), scored."""
+            spec: R.RewardSpec, pool=None, rows: slice | None = None, total: int = 0, sharding=None) -> Rollout:  # fmt: skip
+  """G completions of each problem from `model` (dropless MoE), scored. With `sharding`: `problems` are this
+  process's share, global rows `rows` of `total`, sampled together with the other processes' (generate_rows)."""
   vocab = toks.Vocab.from_tokenizer(tok)
   prompts = encode_prompts(tok, problems, template, max_prompt_len)
   t0 = time.perf_counter()
-  res = sampling.generate(
-    model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_id=vocab.eos_id,
-    seed=seed, num_samples=group_size, logprob_temperature=temperature,
-  )  # fmt: skip
+  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_id=vocab.eos_id, seed=seed,
+            num_samples=group_size)  # fmt: skip
+  if sharding is None and jax.process_count() > 1:  # (held-out eval) every process samples every row
+    mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+    total = sampling.bucket(len(prompts) * group_size, shard_count("act_batch"))  # as sampling.generate pads
+    rows, sharding = slice(0, total), NamedSharding(mesh, PartitionSpec())
+  if sharding is not None:
+    res = generate_rows(model, prompts, rows=rows, total=total, sharding=sharding, **kw)
+  else:
+    res = sampling.generate(model, prompts, logprob_temperature=temperature, **kw)
   t1 = time.perf_counter()
   texts = completion_texts(tok, res, vocab.eos_id)
   rows = [p for p in problems for _ in range(group_size)]
   total, parts = R.score_batch(texts, rows, spec, lengths=res.lengths, pool=pool)
   prompt_rows = [p for p in prompts for _ in range(group_size)]
   return Rollout(rows, prompt_rows, res, texts, total, parts, t1 - t0, time.perf_counter() - t1)
+
+
+def process_rows(sharding, n: int, group_size: int) -> slice:
+  """This process's rows of an `n`-row global batch split by `sharding` (one contiguous block, whole groups)."""
+  starts = {idx[0].indices(n)[:2] for idx in sharding.addressable_devices_indices_map((n,)).values()}
+  lo, hi = min(a for a, _ in starts), max(b for _, b in starts)
+  if sum(b - a for a, b in starts) != hi - lo or lo % group_size or hi % group_size:
+    raise ValueError(f"process {jax.process_index()}: its devices hold rows {sorted(starts)} of {n}, not a block of "
+                     f"whole groups of {group_size}; reorder the mesh so each process holds whole groups")  # fmt: skip
+  return slice(lo, hi)
+
+
+def generate_rows(model, prompts, *, rows: slice, total: int, sharding, max_new_tokens: int, temperature: float,
+                  top_p: float, eos_id: int, seed: int, num_samples: int) -> sampling.SampleResult:  # fmt: skip
+  """`sampling.generate` for this process's `rows` of a `total`-row global batch whose rows `sharding` splits
+  over every process's devices: all processes sample together (one collective program), each feeding and
+  reading back its own rows. Row i draws from its global index, so how the rows split over processes does
+  not change any sample. Rows past the prompts' are padding (a 1-token prompt, done from the start)."""
+  local = [list(p) for p in prompts for _ in range(num_samples)]
+  n = len(local)
+  local += [[sampling.PAD_ID]] * (rows.stop - rows.start - n)
+  lens = np.array([len(r) for r in local], np.int32)
+  longest = int(multihost_utils.process_allgather(lens.max()).max())  # the prompt bucket every process uses
+  P, N = sampling.bucket(longest), sampling.bucket(max_new_tokens)
+  tokens = np.full((len(local), P), sampling.PAD_ID, np.int32)
+  for i, r in enumerate(local):
+    tokens[i, : len(r)] = r
+  host = (tokens, lens, np.arange(rows.start, rows.stop, dtype=np.int32), np.arange(len(local)) < n)
+  args = [jax.make_array_from_process_local_data(sharding, x, (total,) + x.shape[1:]) for x in host]
+  graphdef, state = nnx.split(model)
+  fn = sampling.compiled(graphdef, total, P, N, temperature, 0, top_p, logprob_temperature=temperature)
+  out = fn(state, *args, np.uint32(seed), np.int32(max_new_tokens), np.int32(eos_id))
+  mine = slice(rows.start, rows.start + n)
+  tok, lp, length, ex, pex = (
+    None if x is None else x[mine] for x in multihost_utils.process_allgather(out, tiled=True)
+  )
+  T = max_new_tokens
+  return sampling.SampleResult(
+    np.asarray(tok[:, :T], np.int32), np.asarray(lp[:, :T], np.float32), np.asarray(length, np.int32),
+    None if ex is None else np.asarray(ex[:, :T], np.int32), None if pex is None else np.asarray(pex[:, :longest]),
+  )  # fmt: skip
+
+
+def gather_rows(x: np.ndarray, rows: slice) -> np.ndarray:
+  """Every process's `rows` of a per-row host array, concatenated in global row order."""
+  if jax.process_count() == 1:
+    return x
+  starts, parts = multihost_utils.process_allgather((np.int32(rows.start), x))
+  return np.concatenate([parts[i] for i in np.argsort(starts)])
 
 
 def informative_groups(rewards: np.ndarray, group_size: int) -> np.ndarray:

@@ -220,7 +220,7 @@ def check_rollout_batch(g: GRPOConfig, train: TrainConfig, mesh) -> None:
     raise ValueError(f"{N} rollout rows per step do not split over the mesh's {shards} batch shards")
 
 
-def _rows(mesh) -> NamedSharding:
+def row_sharding(mesh) -> NamedSharding:
   """Rollout arrays split by their rows, like activation rows."""
   return NamedSharding(mesh, srules.logical_to_spec((BATCH_AXIS,), mesh=mesh))
 
@@ -228,7 +228,7 @@ def _rows(mesh) -> NamedSharding:
 def build_grpo_step(graphdef, g, train, tx, mesh, shardings, lr_schedule=None, n_experts: int = 0) -> Callable:
   """`make_grpo_step` jitted once: rows split like activation rows, the state donated."""
   check_rollout_batch(g, train, mesh)
-  rows = _rows(mesh)
+  rows = row_sharding(mesh)
   fn = jax.jit(
     make_grpo_step(graphdef, g, train, tx, lr_schedule, n_experts),
     in_shardings=(shardings, rows),  # a prefix: every rollout array splits its rows
@@ -240,5 +240,5 @@ def build_grpo_step(graphdef, g, train, tx, mesh, shardings, lr_schedule=None, n
 
 def place_rollout(arrays: dict[str, np.ndarray], mesh) -> dict:
   """Host rollout arrays (this process's rows) -> global arrays split by rows."""
-  rows = _rows(mesh)
+  rows = row_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(rows, v) for k, v in arrays.items()}

@@ -62,8 +62,8 @@ def train(run: RunConfig, *, stage: str = "grpo") -> dict:
 def _checkpoint_model(run: RunConfig, stage: str) -> tuple[RunConfig, str]:
   """The run with the model section of the checkpoint it trains (--init, or its own when resuming), and
   that checkpoint's tokenizer directory."""
-  own = os.path.join(os.path.abspath(run.run_dir or os.path.join("runs", stage)), "checkpoints")
-  src = own if os.path.exists(os.path.join(own, "model_config.json")) else run.init
+  own = os.path.join(runner.run_dir_of(run, stage), "checkpoints")
+  src = own if ckpt.is_checkpoint(own) else run.init
   if not src:
     raise ValueError("rl-jax grpo trains a checkpoint: pass --init CHECKPOINT (e.g. a pretrain run's checkpoints)")
   tok_dir = ckpt.tokenizer_dir(src)
@@ -79,6 +79,8 @@ class Rollouts:
 
   def __init__(self, ctx: runner.Context, tok, source: rollout.PromptSource, pool: R.VerifierPool):
     g = ctx.run.grpo
+    if jax.process_count() > 1 and (g.dynamic_sampling or "rm" in g.rewards):
+      raise ValueError("grpo.dynamic_sampling and the 'rm' reward run in one process only (not multi-host yet)")
     self.ctx, self.tok, self.source, self.pool, self.g = ctx, tok, source, pool, g
     self.step = ctx.start
     budget = g.max_new_tokens
@@ -91,6 +93,11 @@ class Rollouts:
     )
     self.seq_len = g.max_prompt_len + g.max_new_tokens
     self.rm = RewardModel.load(g.reward_model) if "rm" in g.rewards else None  # loaded once, kept on the device
+    # Each process samples and scores its own block of the step's rows (whole groups), in one collective sampler
+    self.total = g.prompts_per_step * g.group_size
+    self.sharding = G.row_sharding(ctx.mesh)
+    self.rows = rollout.process_rows(self.sharding, self.total, g.group_size)
+    self.problems = slice(self.rows.start // g.group_size, self.rows.stop // g.group_size)
 
   def __iter__(self):
     return self
@@ -108,16 +115,21 @@ class Rollouts:
     sample_s = score_s = 0.0
     while len(informative) < g.prompts_per_step and rounds <= (g.max_resample if g.dynamic_sampling else 0):
       need = g.prompts_per_step - len(informative)
+      # a full round (always, but under dynamic sampling) splits over the processes; a refill runs whole here
+      split = need == g.prompts_per_step
       ro = rollout.rollout(
-        model, self.tok, self.source.take(need), group_size=g.group_size, template=g.template,
-        max_prompt_len=g.max_prompt_len, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-        top_p=g.top_p, seed=self.ctx.run.train.seed * 1_000_003 + self.step * 101 + rounds, spec=self.spec,
-        pool=self.pool,
+        model, self.tok, self.source.take(need, self.problems if split else slice(None)), group_size=g.group_size,
+        template=g.template, max_prompt_len=g.max_prompt_len, max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature, top_p=g.top_p, seed=self.ctx.run.train.seed * 1_000_003 + self.step * 101 + rounds,
+        spec=self.spec, pool=self.pool, **(dict(rows=self.rows, total=self.total, sharding=self.sharding) if split else {}),
       )  # fmt: skip
       self._add_rm(ro)
       sample_s, score_s = sample_s + ro.sample_s, score_s + ro.score_s
       ok = rollout.informative_groups(ro.rewards, g.group_size)
-      first_all_equal = 1.0 - ok.mean() if first_all_equal is None else first_all_equal
+      if first_all_equal is None:  # over every process's groups
+        first_all_equal = (
+          1.0 - rollout.informative_groups(rollout.gather_rows(ro.rewards, self.rows), g.group_size).mean()
+        )
       groups = [ro.select(np.arange(i * g.group_size, (i + 1) * g.group_size)) for i in range(len(ok))]
       informative += [x for x, keep in zip(groups, ok) if keep or not g.dynamic_sampling]
       degenerate += [x for x, keep in zip(groups, ok) if not keep and g.dynamic_sampling]
@@ -137,11 +149,12 @@ class Rollouts:
     ro.score_s += time.perf_counter() - t0
 
   def _metrics(self, ro: rollout.Rollout, all_equal: float, rounds: int, sample_s: float, score_s: float) -> dict:
-    lengths = ro.result.lengths
-    m = {f"reward_{k}": float(v.mean()) for k, v in ro.components.items()}
+    gather = lambda x: rollout.gather_rows(x, self.rows)  # the step's metrics are over every process's rows
+    lengths, components = gather(ro.result.lengths), {k: gather(v) for k, v in ro.components.items()}
+    m = {f"reward_{k}": float(v.mean()) for k, v in components.items()}
     m.update(
-      reward=float(ro.rewards.mean()),
-      pass_rate=float(ro.components["accuracy"].mean()) if "accuracy" in ro.components else float("nan"),
+      reward=float(gather(ro.rewards).mean()),
+      pass_rate=float(components["accuracy"].mean()) if "accuracy" in components else float("nan"),
       all_equal_groups=float(all_equal),
       rollout_rounds=rounds,
       response_len_mean=float(lengths.mean()),
