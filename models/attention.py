@@ -6,20 +6,59 @@ Cache layout (one dict per layer; slot s holds the token at position s of its ro
 A call with a cache writes its T new tokens at slots positions[:, 0] ... positions[:, 0] + T - 1 of each
 row, then attends to every slot <= the query's position, so right-padded prompts of different lengths
 need no left padding: a row's pad slots are overwritten before any later query can see them.
+
+Training calls (no cache) get a `Causal` mask (segment ids + global token indices), never a [T, T] array:
+  * T < BLOCKWISE_MIN_T on one shard: the dense path (scores [B, H, T, T]) as before;
+  * longer rows: `blockwise_attention`, an online softmax over BLOCK x BLOCK tiles (flash-attention style, pure
+    jnp): a scan over query blocks, each a scan over key blocks, both rematerialised, so neither the scores nor
+    the backward's residuals ever hold more than one tile; key blocks entirely after the query block are
+    skipped by `lax.cond` (half the work of a causal row);
+  * a mesh whose "act_seq" rule splits T (the `sequence` axis): `_seq_parallel`, a shard_map in which each
+    device keeps its queries and all-gathers over the sequence axis only what keys/values are made from:
+    MLA's normed latent + rope key (kv_lora + rope numbers a token, 576 at V3 size, expanded per key block
+    inside the scan), GQA's K/V. The causal mask uses the tokens' global indices, so the split may be any
+    permutation: the transformer feeds a zig-zag one (models/transformer.py) that balances the causal work.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from ..sharding.rules import constrain
+from ..sharding.rules import constrain, mesh_axes
 from .config import ModelConfig
 from .layers import ACT_BTH, DTYPES, RMSNorm, param
 from .rope import Rope, softmax_scale
 
 NEG_INF = -1e30
+BLOCKWISE_MIN_T = 1024  # training rows at least this long attend blockwise (read at trace time)
+BLOCK = 512  # query / key tile of the blockwise path
+
+
+class Causal(NamedTuple):
+  """The training mask, kept implicit: query t sees key s iff idx[s] <= idx[t] and their segments match.
+  `idx_BT` are the tokens' indices in the original row (None: 0..T-1); they differ from the array order when
+  the transformer permutes the row for a zig-zag sequence split. `segment_ids_BT` None: one document a row."""
+
+  segment_ids_BT: jax.Array | None = None
+  idx_BT: jax.Array | None = None
+
+  def parts(self, B: int, T: int):
+    """(idx, segment ids), each [B, T] int32, with the defaults filled in."""
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if self.idx_BT is None else self.idx_BT
+    seg = jnp.zeros((B, T), jnp.int32) if self.segment_ids_BT is None else self.segment_ids_BT
+    return idx.astype(jnp.int32), seg.astype(jnp.int32)
+
+  def dense(self, B: int, T: int):
+    """The boolean [B, T, T] mask (the short-row path)."""
+    idx, seg = self.parts(B, T)
+    return (idx[:, None, :] <= idx[:, :, None]) & (seg[:, :, None] == seg[:, None, :])
 
 
 def causal_mask(positions_BT, segment_ids_BT=None, cache_len: int | None = None):
@@ -44,6 +83,155 @@ def write_cache(cache_BS, new_BT, start_B):
 def _softmax(scores, mask_B1TS):
   scores = jnp.where(mask_B1TS, scores.astype(jnp.float32), NEG_INF)
   return jax.nn.softmax(scores, axis=-1)
+
+
+# ------------------------------------------------------------------ blockwise attention (online softmax)
+def _scores(q_parts, k_parts):
+  """Scores [B, K, G, T, S] float32 summed over parts: q [B, T, K, G, d] with k [B, S, K, d] or, shared by
+  every head, [B, S, d] (MLA's rope key)."""
+  s = 0.0
+  for q, k in zip(q_parts, k_parts):
+    spec = "btkgd,bskd->bkgts" if k.ndim == 4 else "btkgd,bsd->bkgts"
+    s = s + jnp.einsum(spec, q, k).astype(jnp.float32)
+  return s
+
+
+def _tile(carry, qb, kb, weights, expand, scale):
+  """One (query block, key block) tile of the online softmax: rescale by the new running max, accumulate."""
+  m, l, acc = carry
+  q_parts, q_idx, q_seg = qb
+  src, k_idx, k_seg = kb
+  k_parts, v = expand(weights, src)
+  mask = ((k_idx[:, None, :] <= q_idx[:, :, None]) & (k_seg[:, None, :] == q_seg[:, :, None]))[:, None, None]
+  s = jnp.where(mask, _scores(q_parts, k_parts) * scale, NEG_INF)
+  # The result does not depend on the running max (it cancels), so no gradient flows through it.
+  m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+  p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+  corr = jnp.exp(m - m_new)
+  acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v).astype(jnp.float32)
+  return m_new, l * corr + p.sum(-1), acc
+
+
+def _pad(a, n: int, value):
+  """Pads dim 1 of `a` up to a multiple of n with `value`."""
+  extra = -a.shape[1] % n
+  if not extra:
+    return a
+  return jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+
+
+def _blocks(a, n: int):
+  """[B, N*n, ...] -> [N, B, n, ...]: the scan axis first."""
+  return a.reshape(a.shape[0], a.shape[1] // n, n, *a.shape[2:]).swapaxes(0, 1)
+
+
+def blockwise_attention(q_parts, src, weights, expand, q_idx, q_seg, k_idx, k_seg, scale, block: int | None = None):
+  """Exact attention [B, T, K, G, Dv] without a [T, S] score matrix: queries `q_parts` (each [B, T, K, G, d]),
+  keys/values `expand(weights, src_block) -> (k_parts, v [B, s, K, Dv])` made per key block from `src` (each
+  leaf [B, S, ...]), mask by global indices and segment ids ([B, T] / [B, S] int32). Key blocks wholly after
+  the query block are skipped; every query must see at least one key (true of causal training rows)."""
+  block = block or BLOCK
+  B, T, K, G = q_parts[0].shape[:4]
+  bq, bk = min(block, T), min(block, k_idx.shape[1])
+  qs = (tuple(_blocks(_pad(q, bq, 0), bq) for q in q_parts), _blocks(_pad(q_idx, bq, -1), bq))
+  qs += (_blocks(_pad(q_seg, bq, 0), bq),)
+  big = jnp.iinfo(jnp.int32).max  # padded keys come after every query: never seen
+  ks = (jax.tree.map(lambda a: _blocks(_pad(a, bk, 0), bk), src), _blocks(_pad(k_idx, bk, big), bk))
+  ks += (_blocks(_pad(k_seg, bk, 0), bk),)
+  Dv = jax.eval_shape(expand, weights, jax.tree.map(lambda a: a[0], ks[0]))[1].shape[-1]
+
+  def kv_step(qb, carry, kb):
+    tile = lambda c: _tile(c, qb, kb, weights, expand, scale)
+    return jax.lax.cond(kb[1].min() <= qb[1].max(), tile, lambda c: c, carry), None
+
+  def q_step(_, qb):
+    # Zeros derived from the queries: inside shard_map they then vary over the same mesh axes as the tiles.
+    zero = (qb[0][0][..., 0] * 0).astype(jnp.float32).transpose(0, 2, 3, 1)  # [B, K, G, bq]
+    init = (zero + NEG_INF, zero, jnp.broadcast_to(zero[..., None], (B, K, G, bq, Dv)))
+    (_, l, acc), _ = jax.lax.scan(jax.checkpoint(lambda c, kb: kv_step(qb, c, kb)), init, ks)
+    return None, (acc / jnp.where(l == 0, 1.0, l)[..., None]).transpose(0, 3, 1, 2, 4)
+
+  _, o = jax.lax.scan(jax.checkpoint(q_step), None, qs)  # [N, B, bq, K, G, Dv]
+  dtype = jax.eval_shape(expand, weights, jax.tree.map(lambda a: a[0], ks[0]))[1].dtype
+  return o.swapaxes(0, 1).reshape(B, -1, K, G, Dv)[:, :T].astype(dtype)
+
+
+def zigzag_order(T: int, n: int):
+  """Original index of each slot of a row cut into n contiguous shards so that shard i holds chunks i and
+  2n-1-i of 2n equal chunks: each shard then has the same causal work (2n+1 chunk pairs). None when n <= 1
+  or 2n does not divide T (the plain contiguous split)."""
+  if n <= 1 or T % (2 * n):
+    return None
+  c = T // (2 * n)
+  return np.concatenate([np.arange(k * c, (k + 1) * c) for j in range(n) for k in (j, 2 * n - 1 - j)])
+
+
+def sequence_shards(T: int) -> int:
+  """How many ways the active mesh splits a training row of T tokens (the "act_seq" rule; 1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in mesh_axes("act_seq", size=T)) if not mesh.empty else 1
+
+
+def use_blockwise(T: int) -> bool:
+  return T >= BLOCKWISE_MIN_T or sequence_shards(T) > 1
+
+
+def train_attention(q_parts, src, weights, expand, causal: Causal, scale, *, heads: str, src_heads: bool):
+  """Attention of a training row [B, T, K, G, Dv]: blockwise on one shard, else a shard_map over the
+  sequence axis that all-gathers `src` (what keys/values are made from; `src_heads`: its dim 2 is the K
+  heads) and keeps the queries local. `weights` (dim 1 = heads) are what `expand` needs besides `src`."""
+  B, T, K = q_parts[0].shape[:3]
+  idx, seg = causal.parts(B, T)
+  seq = mesh_axes("act_seq", size=T)
+  if not seq:
+    return blockwise_attention(q_parts, src, weights, expand, idx, seg, idx, seg, scale)
+  batch, hd = mesh_axes("act_batch", size=B) or None, mesh_axes(heads, size=K) or None
+  n = sequence_shards(T)
+  chunk, block = (T // (2 * n) if T % (2 * n) == 0 else T // n), BLOCK
+  while chunk % block:
+    block //= 2  # tiles inside one zig-zag chunk, so the causal skip works
+
+  def body(q_parts, src, weights, idx, seg):
+    gather = lambda a: jax.lax.all_gather(a, seq, axis=1, tiled=True)
+    kv = jax.tree.map(gather, src)
+    # The weights are the same on every batch / sequence shard; marked varying here, so that the psum of
+    # their gradient (the transpose of that mark) happens out here, not inside a skipped tile's lax.cond,
+    # where devices that skip it would never join the collective.
+    weights = jax.tree.map(lambda w: _pvary(w, (*(batch or ()), *seq)), weights)
+    return blockwise_attention(q_parts, kv, weights, expand, idx, seg, gather(idx), gather(seg), scale, block)
+
+  q_spec, tok = P(batch, seq, hd, None, None), P(batch, seq)
+  src_spec = jax.tree.map(lambda a: P(batch, seq, hd if src_heads else None, *([None] * (a.ndim - 3))), src)
+  w_spec = jax.tree.map(lambda a: P(None, hd, *([None] * (a.ndim - 2))), weights)
+  fn = jax.shard_map(
+    body,
+    mesh=jax.sharding.get_abstract_mesh(),
+    in_specs=(tuple(q_spec for _ in q_parts), src_spec, w_spec, tok, tok),
+    out_specs=q_spec,
+  )
+  return fn(tuple(q_parts), src, weights, idx, seg)
+
+
+def _pvary(x, axes):
+  """x marked as varying over manual mesh `axes` (jax.lax.pcast in new jax, pvary before it)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)
+
+
+def _mla_expand(w, src):
+  """Per-head keys (nope part; the rope key is shared) and values from MLA's latent."""
+  (w_uk, w_uv), (c, k_pe) = w, src
+  return (jnp.einsum("bsc,chn->bshn", c, w_uk), k_pe), jnp.einsum("bsc,chv->bshv", c, w_uv)
+
+
+def _gqa_expand(_, src):
+  k, v = src
+  return (k,), v
+
+
+def _dense_mask(mask, B: int, T: int):
+  return mask.dense(B, T) if isinstance(mask, Causal) else mask
 
 
 class MLA(nnx.Module):
@@ -88,7 +276,16 @@ class MLA(nnx.Module):
     q_nope, q_pe, c_BTC, k_pe_BTR = self._project(x_BTD, positions_BT)
     w_kv = self.kv_b[...].astype(dt)
     w_uk, w_uv = w_kv[..., : cfg.qk_nope_head_dim], w_kv[..., cfg.qk_nope_head_dim :]
-    mask = mask_BTS[:, None]
+    B, T = positions_BT.shape
+    if cache is None and isinstance(mask_BTS, Causal) and use_blockwise(T):
+      # BLOCKWISE (long rows, sequence-parallel): keys/values expanded from the latent per key block.
+      q_parts = (q_nope[:, :, :, None], q_pe[:, :, :, None])
+      o = train_attention(
+        q_parts, (c_BTC, k_pe_BTR), (w_uk, w_uv), _mla_expand, mask_BTS, self.scale, heads="act_heads", src_heads=False
+      )
+      o_BTHV = constrain(o[:, :, :, 0], ACT_BTH)
+      return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o[...].astype(dt)), None
+    mask = _dense_mask(mask_BTS, B, T)[:, None]
     if cache is None:
       # NAIVE: expand the latent into per-head keys and values (cheapest for long prompts / training).
       k_nope = jnp.einsum("bsc,chn->bshn", c_BTC, w_uk)
@@ -154,8 +351,12 @@ class GQA(nnx.Module):
     B, T, H, hd = q.shape
     G = H // cfg.num_key_value_heads
     q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
+    if cache is None and isinstance(mask_BTS, Causal) and use_blockwise(T):
+      o = train_attention((q,), (k, v), (), _gqa_expand, mask_BTS, self.scale, heads="act_kv_heads", src_heads=True)
+      o = constrain(o.reshape(B, T, H, hd), ACT_BTH)
+      return jnp.einsum("bthk,hkd->btd", o, self.o[...].astype(dt)), None
     s = jnp.einsum("btkgd,bskd->bkgts", q, k)
-    p = _softmax(s * self.scale, mask_BTS[:, None, None]).astype(dt)
+    p = _softmax(s * self.scale, _dense_mask(mask_BTS, B, T)[:, None, None]).astype(dt)
     o = constrain(jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd), ACT_BTH)
     return jnp.einsum("bthk,hkd->btd", o, self.o[...].astype(dt)), new_cache
 

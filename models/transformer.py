@@ -6,10 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..sharding.rules import constrain
-from .attention import GQA, MLA, causal_mask
+from .attention import GQA, MLA, Causal, causal_mask, sequence_shards, zigzag_order
 from .config import ModelConfig
 from .layers import ACT_BTD, DTYPES, MLP, RMSNorm, param
 from .moe import MoE, Routing
@@ -110,12 +111,27 @@ class Transformer(nnx.Module):
     `segment_ids_BT` keeps packed documents apart; `replay_experts` (one [B, T, K] per MoE layer) forces
     the routing chosen at sampling time; `mtp` also runs the multi-token-prediction modules;
     `last_only` computes logits for the last position only (prefill); `remat` recomputes each block's
-    activations in the backward pass instead of storing them (training memory for compute)."""
+    activations in the backward pass instead of storing them (training memory for compute).
+    Without a cache on a mesh that splits T over "sequence" (n shards, 2n dividing T), the main stack runs on
+    the row in zig-zag order (models/attention.py); outputs come back in the original order. MoE capacity
+    dispatch (moe_capacity_factor set) ranks tokens in the order it sees them, so what overflows can differ
+    from sequence=1; dropless (the default) is exact."""
     B, T = tokens_BT.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     cache_len = None if cache is None else cache[0][next(iter(cache[0]))].shape[1]
-    mask = causal_mask(positions_BT, segment_ids_BT, cache_len)
+    perm = None if cache is not None else zigzag_order(T, sequence_shards(T))
+    if cache is not None:
+      mask = causal_mask(positions_BT, segment_ids_BT, cache_len)
+    elif perm is None:
+      mask = Causal(segment_ids_BT)  # implicit: attention picks dense or blockwise by T
+    else:
+      # ZIG-ZAG: the stack runs on the row permuted so that each sequence shard holds chunks i and 2n-1-i
+      # (balanced causal work); attention masks by the original indices, the outputs are put back below.
+      seg_p = None if segment_ids_BT is None else segment_ids_BT[:, perm]
+      mask = Causal(seg_p, jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (B, T)))
+      tokens_BT, positions_BT = tokens_BT[:, perm], positions_BT[:, perm]
+      replay_experts = None if replay_experts is None else [r[:, perm] for r in replay_experts]
     x = self.embed_tokens(tokens_BT)
     new_cache, routing = [], []
     moe_i = 0
@@ -128,11 +144,15 @@ class Transformer(nnx.Module):
       new_cache.append(c)
       if r is not None:
         routing.append(r)
+    if perm is not None:  # back to the original order
+      inv = np.argsort(perm)
+      x, tokens_BT, positions_BT = x[:, inv], tokens_BT[:, inv], positions_BT[:, inv]
+      routing = [Routing(*(a[:, inv] for a in r)) for r in routing]
     h = constrain(self.norm(x), ACT_BTD)
     logits = self.head(h[:, -1:] if last_only else h)
     mtp_logits, mtp_routing = [], []
     if mtp:
-      mtp_mask = causal_mask(positions_BT, segment_ids_BT)
+      mtp_mask = Causal(segment_ids_BT)  # MTP attends in the original order (contiguous sequence split)
       hk = h
       for k, module in enumerate(self.mtp, start=1):
         next_tokens = jnp.roll(tokens_BT, -k, axis=1)  # t_{i+k}; the last k positions wrap (invalid)

@@ -7,6 +7,7 @@ and ``model:`` take a path or the name of a config shipped in rl_jax/configs.
 
 from __future__ import annotations
 
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class MeshConfig:
   fsdp: int = -1  # fully-sharded data parallel (params/optimizer sharded); -1 = the rest
   expert: int = 1  # expert parallelism for MoE layers
   tensor: int = 1  # tensor (model) parallelism inside layers
+  sequence: int = 1  # sequence parallelism: training rows split along T (zig-zag); attention exchanges K/V
   rules: dict[str, Any] | None = None  # logical-axis-name -> mesh-axis overrides
   distributed: bool | None = None  # jax.distributed.initialize(); None = auto-detect
   coordinator_address: str | None = None  # "host:port" of process 0 (multi-host)
@@ -86,6 +88,8 @@ class MeshConfig:
       v = getattr(self, a)
       if v < 1 and v != -1:
         raise ConfigError(f"config key 'mesh.{a}' must be >= 1 or -1 (the rest), got {v}")
+    if not isinstance(self.sequence, int) or self.sequence < 1:
+      raise ConfigError(f"config key 'mesh.sequence' must be >= 1, got {self.sequence!r}")
     rest = [f"mesh.{a}" for a in axes if getattr(self, a) == -1]
     if len(rest) > 1:
       raise ConfigError(f"config keys {', '.join(rest)} are all -1; at most one mesh axis may be -1")
@@ -322,6 +326,7 @@ class RunConfig:
 def load_run_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
   """Load a run config (a path or a shipped name like ``pretrain_tiny``), then ``key.path=value`` overrides."""
   data = {} if path is None else read_yaml(config_path(path, "run"))
+  data = _model_from_init(data, overrides)
   for o in overrides:
     model = data.get("model", RunConfig.model)
     if o.split("=", 1)[0].strip().startswith("model.") and isinstance(model, str):
@@ -333,6 +338,29 @@ def load_run_config(path: str | os.PathLike | None = None, overrides: typing.Ite
   cfg = from_dict(RunConfig, data)
   model_config(cfg)  # validate the model section now, with its dotted key names
   return cfg
+
+
+def _model_from_init(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+  """With `init` set, an absent `model` section (or `model: {from_init: true, ...}`) means the init checkpoint's
+  own model config, with the section's keys and `model.*` overrides laid on top (rope, context, dtypes)."""
+  model = data.get("model")
+  if model is not None and not (isinstance(model, dict) and model.get("from_init")):
+    return data
+  init = data.get("init")
+  for o in overrides:
+    key, value = parse_override(o)
+    init = value if key == "init" else init
+  if not init:
+    if model is None:
+      return data  # no checkpoint to take it from: the default preset, as before
+    raise ConfigError("config key 'model.from_init' needs a checkpoint to take the model from: pass --init CKPT")
+  from etils import epath
+
+  path = epath.Path(str(init)) / "model_config.json"
+  if not path.exists():
+    raise ConfigError(f"--init {init}: not an rl-jax checkpoint (no model_config.json) to take the model from")
+  rest = {k: v for k, v in (model or {}).items() if k != "from_init"}
+  return {**data, "model": merge(json.loads(path.read_text()), rest)}
 
 
 def model_config(cfg: RunConfig) -> ModelConfig:

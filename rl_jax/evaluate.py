@@ -147,9 +147,16 @@ def default_task(meta: dict[str, Any]) -> str:
 
 def run_eval(checkpoint: str, *, task: str | None = None, num_problems: int = 100, k: int = 4, seed: int = 0,
              temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int | None = None,
-             template: str | None = None) -> dict[str, Any]:  # fmt: skip
+             template: str | None = None, lengths=None, depths=None, data: str | None = None,
+             bucket: int | None = None) -> dict[str, Any]:  # fmt: skip
   """`rl-jax eval`: restores the checkpoint onto the current devices and evaluates held-out problems (the
-  test split: never trained on, by problem text); `seed` picks which ones."""
+  test split: never trained on, by problem text); `seed` picks which ones. Tasks passkey / perplexity are the
+  long-context ones of rl_jax/longctx.py (num_problems: keys per cell / documents)."""
+  from rl_jax import longctx
+
+  if task in longctx.TASKS:
+    return longctx.run(checkpoint, task, lengths=lengths, depths=depths, data=data, num=num_problems,
+                       bucket=bucket, seed=seed)  # fmt: skip
   from rl_jax import checkpoint as ckpt
   from rl_jax import rollout
   from rl_jax.data import tokenizer as toks

@@ -1,6 +1,6 @@
 """Meshes and logical-axis sharding rules; knows logical axis names, nothing of model specifics."""
 
-from .mesh import AXES, make_mesh, maybe_initialize_distributed, mesh_from_config, mesh_shape
+from .mesh import AXES, SEQUENCE, make_mesh, maybe_initialize_distributed, mesh_from_config, mesh_shape
 from .rules import (
   DEFAULT_RULES,
   constrain,
@@ -17,6 +17,7 @@ from .rules import (
 
 __all__ = [
   "AXES",
+  "SEQUENCE",
   "DEFAULT_RULES",
   "make_mesh",
   "mesh_from_config",

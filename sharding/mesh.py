@@ -1,4 +1,7 @@
-"""Device meshes with axes ("data", "fsdp", "expert", "tensor"), and multi-host initialization."""
+"""Device meshes with axes ("data", "fsdp", "expert", "tensor"[, "sequence"]), and multi-host initialization.
+
+The "sequence" axis (sequence parallelism: training rows split along T) exists only when its size is > 1, so
+meshes without it keep their four axes; rules naming it (DEFAULT_RULES' "act_seq") skip it where it is absent."""
 
 from __future__ import annotations
 
@@ -9,10 +12,24 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "expert", "tensor")
+SEQUENCE = "sequence"  # the optional last axis: fastest-varying, so its all-gathers stay between neighbours
 
 
-def mesh_shape(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, *, n_devices: int) -> tuple:
-  """Resolve the one -1 axis to the rest of the devices; a one-line ValueError naming the axis otherwise."""
+def _check_sequence(sequence) -> None:
+  if not isinstance(sequence, (int, np.integer)) or sequence < 1:
+    raise ValueError(f"mesh axis 'sequence' must be a positive int, got {sequence!r}")
+
+
+def mesh_shape(
+  data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, *, n_devices: int, sequence: int = 1
+) -> tuple:
+  """Resolve the one -1 axis to the rest of the devices; a one-line ValueError naming the axis otherwise.
+  The shape of AXES, plus a fifth entry for "sequence" when sequence > 1."""
+  _check_sequence(sequence)
+  if n_devices % sequence:
+    raise ValueError(f"mesh axis 'sequence'={sequence} does not divide the {n_devices} devices")
+  if sequence > 1:
+    return (*mesh_shape(data, fsdp, expert, tensor, n_devices=n_devices // sequence), sequence)
   sizes = dict(zip(AXES, (data, fsdp, expert, tensor)))
   for name, size in sizes.items():
     if not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
@@ -36,24 +53,29 @@ def mesh_shape(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, 
   return tuple(sizes[a] for a in AXES)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """A Mesh over `devices` (default: all) with axes ("data", "fsdp", "expert", "tensor"), all of type Auto."""
+def make_mesh(
+  data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1, devices=None, *, sequence: int = 1
+) -> Mesh:
+  """A Mesh over `devices` (default: all) with axes ("data", "fsdp", "expert", "tensor") and, when
+  sequence > 1, "sequence" (the -1 axis takes the devices "sequence" leaves), all of type Auto."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(data, fsdp, expert, tensor, n_devices=len(devices))
+  shape = mesh_shape(data, fsdp, expert, tensor, n_devices=len(devices), sequence=sequence)
+  names = AXES + ((SEQUENCE,) if len(shape) > len(AXES) else ())
   try:
     # Recent jax defaults to Explicit axes; we shard by constraints and out_shardings, so ask for Auto.
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
   except TypeError:  # older jax: no axis_types / devices keyword
     from jax.experimental import mesh_utils
 
-    return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES)
+    return Mesh(mesh_utils.create_device_mesh(shape, devices), names)
 
 
 def mesh_from_config(mesh_cfg=None, devices=None) -> Mesh:
-  """make_mesh from any object with data/fsdp/expert/tensor attributes (e.g. rl_jax.config.MeshConfig)."""
+  """make_mesh from any object with data/fsdp/expert/tensor (and optionally sequence) attributes (e.g.
+  rl_jax.config.MeshConfig)."""
   if mesh_cfg is None:
     return make_mesh(devices=devices)
-  return make_mesh(*(getattr(mesh_cfg, a) for a in AXES), devices=devices)
+  return make_mesh(*(getattr(mesh_cfg, a) for a in AXES), devices=devices, sequence=getattr(mesh_cfg, SEQUENCE, 1))
 
 
 def _multi_host_tpu() -> bool:
@@ -88,7 +110,7 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
   return False
 
 
-__all__ = ["AXES", "make_mesh", "mesh_from_config", "mesh_shape", "maybe_initialize_distributed"]
+__all__ = ["AXES", "SEQUENCE", "make_mesh", "mesh_from_config", "mesh_shape", "maybe_initialize_distributed"]
 
 
 def active_mesh():

@@ -2,7 +2,8 @@
 
 Parameters carry logical names in their `axes` metadata (models/); activations have their own names
 (`act_*`), used by `constrain` at layer boundaries. This module turns them into PartitionSpecs for a mesh
-with axes ("data", "fsdp", "expert", "tensor"). The rules in force are set once, like the mesh, with
+with axes ("data", "fsdp", "expert", "tensor") and optionally "sequence" (OPTIONAL_AXES: a rule naming it does
+not split over it on meshes without it). The rules in force are set once, like the mesh, with
 `use_rules(overrides)` (e.g. the run config's `mesh.rules`, merged over DEFAULT_RULES); every helper's
 `rules=None` means those ambient rules (DEFAULT_RULES outside any `use_rules`), and an explicit `rules`
 mapping means DEFAULT_RULES updated by it.
@@ -41,7 +42,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   # their experts by all-to-all. The residual stream's model dim stays whole on each device (as in
   # Megatron tensor parallelism); heads, MLP hidden units and logits follow their weights over "tensor".
   "act_batch": ("data", "fsdp", "expert"),
-  "act_seq": None,
+  # Sequence parallelism: the "sequence" axis (only in meshes built with sequence > 1) splits every
+  # activation's T; attention exchanges keys/values across it (models/attention.py).
+  "act_seq": "sequence",
   "act_embed": None,
   "act_heads": "tensor",
   "act_kv_heads": "tensor",
@@ -49,6 +52,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "act_vocab": "tensor",
 }
 
+
+# Mesh axes a rule may name although a mesh lacks them (then that dim is not split over them).
+OPTIONAL_AXES = ("sequence",)
 
 _ACTIVE: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("rl_jax_sharding_rules", default=None)
 
@@ -110,9 +116,9 @@ def _lookup(name, table, sizes, has_mesh: bool) -> tuple[str, ...]:
     hint = f"; did you mean '{close[0]}'?" if close else f"; known: {sorted(table)}"
     raise ValueError(f"no sharding rule for logical axis '{name}'{hint}")
   for a in table[name]:
-    if has_mesh and a not in sizes:
+    if has_mesh and a not in sizes and a not in OPTIONAL_AXES:
       raise ValueError(f"sharding rule '{name}' -> '{a}': the mesh has no axis '{a}' (axes: {list(sizes)})")
-  return table[name]
+  return tuple(a for a in table[name] if not has_mesh or a in sizes)  # an absent optional axis: size 1
 
 
 def _dim_axes(names, table, mesh, used=(), size=None) -> list[str]:

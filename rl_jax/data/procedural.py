@@ -15,12 +15,13 @@ import hashlib
 import itertools
 import operator
 import random
+import string
 from collections.abc import Iterator
 from typing import Any
 
-KINDS = ("arithmetic", "countdown", "mixed", "addsub", "chain", "r1zero", "r1")
+KINDS = ("arithmetic", "countdown", "mixed", "addsub", "chain", "r1zero", "r1", "longkey", "longkey4x")
 PROBLEM_KINDS = ("arithmetic", "countdown", "addsub", "chain")  # kinds with a gold answer (RL and eval tasks)
-CORPUS_KINDS = ("r1zero", "r1")  # corpora of framed documents, not problem streams
+CORPUS_KINDS = ("r1zero", "r1", "longkey", "longkey4x")  # corpora of framed documents, not problem streams
 TEST_SHARE = 10  # one problem text in TEST_SHARE is held out of every corpus and RL split (see split_of)
 
 
@@ -292,6 +293,8 @@ def r1_document(seed: int, index: int, task: str = "chain") -> str:
 
 
 def document_at(seed: int, index: int, kind: str = "mixed") -> str:
+  if kind in LONGKEY_SENTENCES:
+    return longkey_document(seed, index, kind)
   if kind == "r1zero":
     return r1zero_document(seed, index)
   if kind == "r1":
@@ -308,6 +311,45 @@ def documents(seed: int, kind: str = "mixed") -> Iterator[str]:
 def problems(seed: int, n: int, kind: str = "mixed") -> list[dict[str, Any]]:
   """The first n problems of stream `seed` (for RL prompts and evaluation)."""
   return [problem_at(seed, i, kind) for i in range(n)]
+
+
+# Long-context corpus: a pass key stated somewhere in filler text and asked for at the end, in exactly the format
+# of the passkey eval (rl_jax/longctx.py builds its prompts with passkey_text), so that answering needs attention
+# reaching back as far as the document is long. "longkey" documents fit a 128-token row of the corpus' own BPE
+# tokenizer; "longkey4x" ones run up to 4x longer (for `rl-jax extend` to 512).
+PASSKEY_STATEMENT = "The pass key is {key}. Remember it."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+FILLER = (
+  "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+  "The river runs to the sea.", "Birds sing in the morning.", "The night is calm.",
+)  # fmt: skip
+LONGKEY_SENTENCES = {"longkey": (0, 18), "longkey4x": (0, 90)}  # filler sentences per document: (min, max)
+
+
+def random_key(rng: random.Random) -> str:
+  """A pass key: an upper-case letter, a digit, a lower-case letter (6760 keys; "K7m"). Each of its tokens is of
+  a kind found nowhere else in the document, so a tiny model learns to fetch it by content, with no
+  induction circuit (which a 2-4 layer model did not form on 5-digit keys in a few thousand steps)."""
+  return f"{rng.choice(string.ascii_uppercase)}{rng.randint(0, 9)}{rng.choice(string.ascii_lowercase)}"
+
+
+def passkey_text(key: str, filler: list[str], depth: float) -> str:
+  """The prompt (ending in PASSKEY_QUESTION, answer not included): the key statement after round(depth * n)
+  of the n filler sentences."""
+  at = round(depth * len(filler))
+  parts = filler[:at] + [PASSKEY_STATEMENT.format(key=key)] + filler[at:]
+  return f"{' '.join(parts)} {PASSKEY_QUESTION}"
+
+
+def longkey_document(seed: int, index: int, kind: str = "longkey") -> str:
+  """Document `index`: a random_key at a uniform depth of lo..hi random filler sentences, then asked for and
+  answered."""
+  rng = random.Random(f"rl_jax.{kind}/{seed}/{index}")
+  lo, hi = LONGKEY_SENTENCES[kind]
+  n = lo + int((hi - lo + 1) * rng.random() ** 3)  # short documents are the most common: more keys per row
+  filler = [rng.choice(FILLER) for _ in range(min(n, hi))]
+  key = random_key(rng)
+  return f"{passkey_text(key, filler, rng.random())} {key}."
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
