@@ -134,3 +134,96 @@ def bench_sample(
       )
       print(json.dumps(out[-1]), flush=True)
   return out
+
+
+def rollout_workload(n_prompts: int, group: int, prompt_len: int, max_new: int, vocab: int, seed: int = 0):
+  """A GRPO-like long-tailed workload: prompts (each sampled `group` times) and per-row response lengths drawn
+  from a lognormal (median max_new / 8, sigma 1) clipped to [1, max_new], as reasoning RL produces."""
+  rs = np.random.RandomState(seed)
+  prompts = [list(rs.randint(3, vocab, rs.randint(prompt_len // 2, prompt_len + 1))) for _ in range(n_prompts)]
+  lengths = np.clip(np.round(rs.lognormal(np.log(max_new / 8), 1.0, n_prompts * group)), 1, max_new).astype(int)
+  return prompts, lengths
+
+
+def _static_rollout(model, prompts, lengths, group: int, batch_prompts: int, max_new: int) -> float:
+  """Today's sampler: `batch_prompts` prompts x G rows a call, each call decoding until its longest row ends
+  (the per-row lengths stand in for EOS: the rows past their length are wasted work). Seconds."""
+  from rl_jax import sampling
+
+  t0 = time.perf_counter()
+  for i in range(0, len(prompts), batch_prompts):
+    rows = lengths[i * group : (i + batch_prompts) * group]
+    sampling.generate(model, prompts[i : i + batch_prompts], max_new_tokens=int(rows.max()), num_samples=group)
+  return time.perf_counter() - t0
+
+
+def _engine_rollout(model, prompts, lengths, group: int, slots: int, max_new: int, chunk: int):
+  """The engine on the same rows: all submitted, slots refilled as rows end. (seconds, stats)."""
+  from rl_jax import engine
+
+  t0 = time.perf_counter()
+  eng = engine.Engine(model, slots=slots, max_prompt_len=max(map(len, prompts)), max_new_tokens=max_new, chunk=chunk)
+  for p, prompt in enumerate(prompts):
+    rows = range(p * group, (p + 1) * group)
+    eng.submit(prompt, num_samples=group, rows=rows, max_new_tokens=[int(lengths[r]) for r in rows])
+  n = sum(1 for _ in eng.run())
+  assert n == len(lengths)
+  return time.perf_counter() - t0, eng.stats
+
+
+def bench_rollout(
+  preset_name: str = "tiny-moe",
+  n_prompts: int = 64,
+  group: int = 8,
+  batch_prompts: int = 8,
+  slots: int = 64,
+  prompt_len: int = 64,
+  max_new: int = 256,
+  chunk: int = 16,
+  repeats: int = 3,
+) -> dict:
+  """Static sampler vs rollout engine on one long-tailed G-sample workload, each warmed up on the whole
+  workload first (compiles excluded), then timed `repeats` times (best); useful tokens/s side by side."""
+  from rl_jax import models
+  from rl_jax.models.config import preset
+
+  cfg = preset(preset_name)
+  model = models.build(cfg, seed=0)
+  prompts, lengths = rollout_workload(n_prompts, group, prompt_len, max_new, cfg.vocab_size)
+  useful = int(lengths.sum())
+  static = lambda: _static_rollout(model, prompts, lengths, group, batch_prompts, max_new)
+  eng = lambda: _engine_rollout(model, prompts, lengths, group, slots, max_new, chunk)
+  static(), eng()  # warm-up: every shape both sides use gets compiled
+  times, runs = [], []
+  for _ in range(repeats):  # interleaved, so a shared machine's load changes hit both sides alike
+    times.append(static())
+    runs.append(eng())
+  static_s = min(times)
+  engine_s, stats = min(runs, key=lambda r: r[0])
+  static_slots = sum(
+    batch_prompts * group * int(lengths[i * group : (i + batch_prompts) * group].max())
+    for i in range(0, n_prompts, batch_prompts)
+  )
+  s = stats.summary()
+  out = {
+    "bench": "rollout",
+    "model": preset_name,
+    "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    "rows": len(lengths),
+    "group": group,
+    "static_batch_rows": batch_prompts * group,
+    "engine_slots": slots,
+    "lengths": {k: int(f(lengths)) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))},
+    "useful_tokens": useful,
+    "static_s": round(static_s, 3),
+    "engine_s": round(engine_s, 3),
+    "static_useful_tokens_per_s": round(useful / static_s, 1),
+    "engine_useful_tokens_per_s": round(useful / engine_s, 1),
+    "speedup": round(static_s / engine_s, 2),
+    "static_slot_utilization": round(useful / static_slots, 3),
+    "engine_slot_utilization": round(s["slot_utilization"], 3),
+    "prefill_reduction": round(s["prefill_reduction"], 2),
+    "engine_prefill_share": round(s["prefill_share"], 3),
+  }
+  print(json.dumps(out), flush=True)
+  return out

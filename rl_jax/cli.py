@@ -165,6 +165,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+  from rl_jax import report
   from rl_jax.config import model_config
   from rl_jax.train import loop
 
@@ -176,7 +177,7 @@ def cmd_pretrain(args) -> None:
         f"rl-jax extend needs model.rope.type=yarn with model.rope.factor > 1 "
         f"(got type={rope.type}, factor={rope.factor}); see configs/extend_tiny.yaml"
       )
-    resuming = os.path.isdir(os.path.join(run.run_dir or os.path.join("runs", "extend"), "checkpoints"))
+    resuming = (report.run_path(run.run_dir or os.path.join("runs", "extend")) / "checkpoints").is_dir()
     if not run.init and not resuming:
       raise ValueError(
         "rl-jax extend continues a trained model: pass --init CHECKPOINT (the pretrain run's checkpoints)"
@@ -248,14 +249,37 @@ def cmd_eval(args) -> None:
   res = evaluate.run_eval(
     args.checkpoint, task=args.task, num_problems=args.num_problems, k=args.k, seed=args.seed,
     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, template=args.template,
+    lengths=_ints(args.lengths, "--lengths"), depths=_floats(args.depths, "--depths"), data=args.data,
+    bucket=args.bucket,
   )  # fmt: skip
   text = json.dumps(res, indent=2)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
       f.write(text + "\n")
+  if res["task"] in ("passkey", "perplexity"):
+    from rl_jax import longctx
+
+    png = longctx.figure(res, os.path.splitext(args.out)[0] + ".png") if args.out else None
+    keys = ("accuracy_by_length", "accuracy_mean") if res["task"] == "passkey" else ("buckets", "mean_loss")
+    print(json.dumps({"task": res["task"], **{k: res[k] for k in keys}, "figure": png}) if args.out else text)
+    return
   keys = ("task", "k", "pass@1", "cons@k", "pass@1_lenient", "format_rate", "mean_response_tokens")
   print(json.dumps({k: res[k] for k in keys}) if args.out else text)
+
+
+def _ints(text: str | None, flag: str) -> list[int] | None:
+  try:
+    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{flag} expects comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+  try:
+    return None if text is None else [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"{flag} expects comma-separated numbers, got {text!r}") from None
 
 
 def cmd_rejection_sample(args) -> None:
@@ -296,6 +320,11 @@ def cmd_bench(args) -> None:
 
   if args.what == "train":
     print(json.dumps(bench.bench_train(_run_config(args), steps=args.steps), indent=2))
+  elif args.what == "rollout":
+    bench.bench_rollout(
+      args.preset, n_prompts=args.prompts, group=args.group, slots=args.slots, max_new=args.max_new_tokens,
+      repeats=args.repeats,
+    )  # fmt: skip
   else:
     bench.bench_sample(
       presets=tuple(args.presets.split(",")),
@@ -377,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", help="R1's evaluation protocol on held-out problems: pass@1, cons@k, format rate")
   p.add_argument("--checkpoint", required=True)
-  p.add_argument("--task", help="procedural kind, .jsonl file, rg:NAME or tfds:NAME (default: the checkpoint's)")
+  p.add_argument(
+    "--task", help="procedural kind, .jsonl file, rg:NAME, tfds:NAME, passkey or perplexity (default: the checkpoint's)"
+  )
   p.add_argument("--num-problems", type=int, default=100)
   p.add_argument("--k", type=int, default=4, help="samples per problem")
   p.add_argument("--seed", type=int, default=0, help="picks the held-out problems and the samples")
@@ -385,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-p", type=float, default=0.95)
   p.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's grpo.max_new_tokens")
   p.add_argument("--template", help="prompt template (default: the checkpoint's grpo.template)")
-  p.add_argument("--out", help="write the full JSON here")
+  p.add_argument("--out", help="write the full JSON here (passkey / perplexity: and the figure beside it, .png)")
+  p.add_argument("--lengths", help="passkey / perplexity: context lengths in tokens, e.g. 128,256,512")
+  p.add_argument("--depths", help="passkey: key depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+  p.add_argument("--data", help="perplexity: held-out documents, e.g. procedural:longkey4x or FILE.jsonl")
+  p.add_argument("--bucket", type=int, help="perplexity: positions per bucket (default: length / 16)")
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("rejection-sample", help="N samples per prompt, filtered, deduplicated, capped: an SFT dataset")
@@ -419,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--run-dir", help="default: runs/r1_zero_tiny")
   p.set_defaults(fn=cmd_pipeline)
 
-  p = sub.add_parser("bench", help="benchmarks: train (MFU) or sample (tokens/s)")
+  p = sub.add_parser("bench", help="benchmarks: train (MFU), sample (tokens/s) or rollout (engine vs static)")
   what = p.add_subparsers(dest="what", required=True)  # each its own options, in any order with overrides
   q = what.add_parser("train", help="train-step time, tokens/s and MFU of a run config")
   _add_run_args(q)
@@ -428,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--presets", default="tiny-moe,small-moe", help="model presets")
   q.add_argument("--batches", default="1,16,64", help="batch sizes")
   q.add_argument("--new-tokens", type=int, default=256)
+  q = what.add_parser("rollout", help="rollout engine vs static sampler, useful tokens/s on a long-tailed G workload")
+  q.add_argument("--preset", default="tiny-moe", help="model preset (random init)")
+  q.add_argument("--prompts", type=int, default=64, help="distinct prompts")
+  q.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
+  q.add_argument("--slots", type=int, default=64, help="engine decode slots (the static sampler: 8 prompts x G a call)")
+  q.add_argument("--max-new-tokens", type=int, default=256, help="longest response of the long tail")
+  q.add_argument("--repeats", type=int, default=3, help="timed runs each side (best), after a warm-up")
   p.set_defaults(fn=cmd_bench)
   return ap
 

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rl_jax import engine, sampling
 from rl_jax import rewards as R
-from rl_jax import sampling
 from rl_jax.data import procedural, tasks
 from rl_jax.data import tokenizer as toks
 from rl_jax.sharding.rules import shard_count
@@ -115,6 +115,7 @@ class Rollout:
   components: dict[str, np.ndarray]  # raw value per component [N]
   sample_s: float = 0.0  # wall time of the sampler
   score_s: float = 0.0  # wall time of the verifiers
+  engine_stats: dict = dataclasses.field(default_factory=dict)  # the rollout engine's engine.COUNTERS
 
   def select(self, rows: np.ndarray) -> Rollout:
     r = self.result
@@ -128,6 +129,7 @@ class Rollout:
       {k: v[rows] for k, v in self.components.items()},
       self.sample_s,
       self.score_s,
+      self.engine_stats,
     )
 
 
@@ -153,7 +155,14 @@ def concat(parts: Sequence[Rollout]) -> Rollout:
     {k: np.concatenate([p.components[k] for p in parts]) for k in parts[0].components},
     sum(p.sample_s for p in parts),
     sum(p.score_s for p in parts),
+    _sum_stats(parts),
   )
+
+
+def _sum_stats(parts: Sequence[Rollout]) -> dict:
+  """The engine counters of the rollouts `parts` came from, each counted once (selected groups share theirs)."""
+  rounds = {id(p.engine_stats): p.engine_stats for p in parts}.values()
+  return {k: sum(r.get(k, 0) for r in rounds) for k in parts[0].engine_stats}
 
 
 def completion_texts(tok, result: sampling.SampleResult, eos_id: int) -> list[str]:
@@ -174,16 +183,18 @@ def rollout(model, tok, problems, *, group_size, template, max_prompt_len, max_n
     mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
     total = sampling.bucket(len(prompts) * group_size, shard_count("act_batch"))  # as sampling.generate pads
     rows, sharding = slice(0, total), NamedSharding(mesh, PartitionSpec())
-  if sharding is not None:
+  stats = {}
+  if sharding is not None and jax.process_count() > 1:
     res = generate_rows(model, prompts, rows=rows, total=total, sharding=sharding, **kw)
-  else:
-    res = sampling.generate(model, prompts, logprob_temperature=temperature, **kw)
+  else:  # one process: the rollout engine (shared prompt prefill, in-flight refill), the same rows and samples
+    res, st = engine.generate(model, prompts, logprob_temperature=temperature, **kw)
+    stats = {k: getattr(st, k) for k in engine.COUNTERS}
   t1 = time.perf_counter()
   texts = completion_texts(tok, res, vocab.eos_id)
   rows = [p for p in problems for _ in range(group_size)]
   total, parts = R.score_batch(texts, rows, spec, lengths=res.lengths, pool=pool)
   prompt_rows = [p for p in prompts for _ in range(group_size)]
-  return Rollout(rows, prompt_rows, res, texts, total, parts, t1 - t0, time.perf_counter() - t1)
+  return Rollout(rows, prompt_rows, res, texts, total, parts, t1 - t0, time.perf_counter() - t1, stats)
 
 
 def process_rows(sharding, n: int, group_size: int) -> slice:

@@ -11,6 +11,9 @@ are those of the model's unmodified distribution (temperature 1, no top-k/top-p)
 `logprob_temperature=T` of softmax(logits / T), the distribution a GRPO rollout at temperature T drew from
 (so the trainer's ratios compare like with like): GRPO's old log-probs.
 For MoE models the routed experts of every generated (and prompt) token are returned for replay.
+With `num_samples=G` each distinct prompt is prefilled once and its cache broadcast to its G rows (shared prompt
+prefill; every row's first token still draws from its own key). rl_jax/engine.py runs the same steps with
+continuous batching (finished rows' slots refilled from a queue).
 
 Under `jax.set_mesh(mesh)` (parameters placed by `sharding.create_sharded` / `shard_state`) the batch, the
 cache and the loop state are constrained to the batch mesh axes by the logical rules (heads of a GQA
@@ -35,6 +38,7 @@ from rl_jax.sharding.rules import constrain, current_rules, resolve_rules, shard
 
 PAD_ID = 0
 MIN_BUCKET = 8
+SHARED_PREFILL = True  # generate(num_samples=G) prefills each prompt once; False: every row its own (reference)
 
 
 class SampleResult(NamedTuple):
@@ -135,6 +139,35 @@ def _emit(sink_id, t, tok_B, active_B):
 
 
 # ------------------------------------------------------------------ the jitted program
+def group_rows(B: int, group: int, rules: Mapping | None = None) -> int:
+  """Prompts prefilled for B rows in groups of `group`: ceil(B / group), rounded up to the batch shards."""
+  n, groups = max(1, shard_count("act_batch", rules)), -(-B // group)
+  return -(-groups // n) * n
+
+
+def prefill(model, prompts_BP, prompt_len_B, cache_len: int, group: int = 1):
+  """Prefills the first row of every `group` of rows (the rows of a group share their prompt) into a cache of
+  `cache_len` slots and broadcasts it to the group: (last-token logits [B, V], cache [B, ...], prompt routing
+  [B, P, L, K] or None). group == 1 prefills every row."""
+  B, P = prompts_BP.shape
+  src_B = jnp.arange(B) // group
+  if group > 1:
+    first_U = jnp.minimum(jnp.arange(group_rows(B, group)) * group, B - 1)
+    prompts_BP, prompt_len_B = constrain(prompts_BP[first_U], ("act_batch", None)), prompt_len_B[first_U]
+  U = prompts_BP.shape[0]
+  cache = _constrain_cache(model.init_cache(U, cache_len))
+  positions_UP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (U, P))
+  out = model.forward(prompts_BP, positions_BT=positions_UP, cache=cache, last_only=True)
+  h_UD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  logits_UV = model.head(h_UD[:, None])[:, 0]
+  experts = _stack_experts(out.routing)
+  if group == 1:
+    return logits_UV, out.cache, experts
+  take = lambda x: x[src_B]
+  cache = _constrain_cache(jax.tree.map(take, out.cache))
+  return take(logits_UV), cache, None if experts is None else take(experts)
+
+
 def _generate_device(
   graphdef,
   state,
@@ -152,8 +185,9 @@ def _generate_device(
   top_k: int,
   top_p: float,
   logprob_temperature: float = 1.0,
+  group: int = 1,
 ):
-  """prompts [B, P] right-padded; prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
+  """prompts [B, P] right-padded (rows of a `group` share their prompt: it is prefilled once); prompt_len [B] >= 1; row_ids [B] global row index; real [B] False
   for bucket padding rows; seed, max_new (<= budget) and eos_id (-1: none) are traced scalars; with
   `sink_id` every sampling step calls `_SINKS[sink_id](t, tokens [B], active [B])` on the host, in order."""
   model = nnx.merge(graphdef, state)
@@ -173,13 +207,9 @@ def _generate_device(
       io_callback(_emit, None, sink_id, t, constrain(tok_B, (None,)), constrain(active_B, (None,)), ordered=True)
     return tok_B, lp_B, active_B
 
-  # PREFILL: the whole padded batch at once; each row's next-token logits sit at index len-1.
-  cache = _constrain_cache(model.init_cache(B, P + N))
-  positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  out = model.forward(prompts_BP, positions_BT=positions_BP, cache=cache, last_only=True)
-  h_BD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
-  logits_BV = model.head(h_BD[:, None])[:, 0]
-  prompt_experts = _stack_experts(out.routing)
+  # PREFILL: each distinct prompt once (rows g*G .. g*G+G-1 share one), its cache and last logits then
+  # gathered to its G rows; each row's next-token logits sit at index len-1.
+  logits_BV, cache, prompt_experts = prefill(model, prompts_BP, prompt_len_B, P + N, group)
   tok_B, lp_B, active_B = select(logits_BV, 0, ~real_B)
   experts = None
   if prompt_experts is not None:
@@ -192,7 +222,7 @@ def _generate_device(
     experts=experts,
     lengths=lengths_B,
     done=~active_B | (tok_B == eos_id) | (lengths_B >= max_new),
-    cache=out.cache,
+    cache=cache,
   )
   s = _constrain_state(s)
 
@@ -250,14 +280,16 @@ def compiled(
   rules: Mapping | None = None,
   stream: bool = False,
   logprob_temperature: float = 1.0,
+  group: int = 1,
 ):
-  """The jitted sampler for one (model structure, bucket, sampling settings, rules, streaming or not):
-  built once, then reused. The streaming variant takes one more argument, the sink id. `rules` None
-  means the ambient ones (`use_rules`); either way they are part of the key, as they are read at trace time."""
+  """The jitted sampler for one (model structure, bucket, sampling settings, rules, streaming or not, prompt
+  group): built once, then reused. The streaming variant takes one more argument, the sink id. `rules` None
+  means the ambient ones (`use_rules`); either way they are part of the key, as they are read at trace time.
+  `group` G > 1: rows g*G .. g*G+G-1 share one prompt, prefilled once (shared prompt prefill)."""
   table = current_rules() if rules is None else resolve_rules(rules)
   rules_key = tuple(sorted(table.items()))
   settings = (float(temperature), int(top_k), float(top_p), float(logprob_temperature))
-  key = (graphdef, batch, prompt, budget, settings, rules_key, bool(stream))
+  key = (graphdef, batch, prompt, budget, settings, rules_key, bool(stream), int(group))
   if key not in _COMPILED:
 
     def fn(state, *args):
@@ -271,6 +303,7 @@ def compiled(
           top_k=int(top_k),
           top_p=float(top_p),
           logprob_temperature=float(logprob_temperature),
+          group=int(group),
         )
 
     _COMPILED[key] = jax.jit(fn)
@@ -348,7 +381,8 @@ def generate(
   n, max_prompt = len(prompts) * num_samples, max(len(p) for p in prompts)
 
   graphdef, state = nnx.split(model)
-  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p, rules, stream is not None, logprob_temperature)
+  group = num_samples if SHARED_PREFILL else 1
+  fn = compiled(graphdef, B, P, N, temperature, top_k, top_p, rules, stream is not None, logprob_temperature, group)
   sink_id = None
   if stream is not None:
     sink_id = next(_SINK_IDS)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from rl_jax import checkpoint as ckpt
-from rl_jax import evaluate, rollout
+from rl_jax import engine, evaluate, rollout
 from rl_jax import rewards as R
 from rl_jax.config import RunConfig
 from rl_jax.data import tokenizer as toks
@@ -161,6 +161,7 @@ class Rollouts:
       response_len_max=int(lengths.max()),
       time_sample_s=sample_s,
       time_score_s=score_s,
+      **engine.log_metrics(ro.engine_stats),
     )
     return m
 
