@@ -157,7 +157,7 @@ def test_continued_pretraining_takes_the_model_from_init(kind, converted, tmp_pa
   init = converted[kind]
   cfg = tmp_path / "cont.yaml"  # no model section: the checkpoint's own
   cfg.write_text(
-    f"train: {{batch_size: 4, seq_len: 32, compute_dtype: float32, log_every: 1}}\ndata: {{source: {_jsonl(tmp_path)}}}\n"
+    f"train: {{batch_size: 8, seq_len: 32, compute_dtype: float32, log_every: 1}}\ndata: {{source: {_jsonl(tmp_path)}}}\n"
   )
   run = str(tmp_path / "run")
   args = ["pretrain", "--config", str(cfg), "--init", init, "--run-dir", run, "checkpoint.every=2"]
@@ -181,7 +181,7 @@ def test_a_given_model_section_must_still_match_init(converted, tmp_path, capsys
 
   init = converted["qwen2"]
   args = ["pretrain", "--init", init, "--run-dir", str(tmp_path / "run"), "model=tiny-moe", "train.steps=1"]
-  args += [f"data.source={_jsonl(tmp_path)}", "train.batch_size=4", "train.seq_len=32"]
+  args += [f"data.source={_jsonl(tmp_path)}", "train.batch_size=8", "train.seq_len=32"]
   assert cli.main(args) == 2
   assert "parameters do not match the run's model" in capsys.readouterr().err
 

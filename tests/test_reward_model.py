@@ -123,7 +123,7 @@ def test_bad_pair_line_names_file_and_line(base, tmp_path):
 def test_grpo_with_the_reward_model(base, rm_run):
   rc = cli.main([
     "grpo", "--config", "grpo_r1zero_tiny", "--init", str(base / "base"), "--run-dir", str(base / "grpo"),
-    "train.steps=2", "train.log_every=1", "checkpoint.every=0", "grpo.prompts_per_step=2", "grpo.group_size=2",
+    "train.steps=2", "train.log_every=1", "checkpoint.every=0", "grpo.prompts_per_step=4", "grpo.group_size=2",
     "grpo.max_new_tokens=8", "grpo.template=plain", "grpo.eval_problems=1", "grpo.eval_k=1",
     "grpo.rewards={accuracy: 1.0, format: 1.0, rm: 0.5}", f"grpo.reward_model={rm_run}",
   ])  # fmt: skip
