@@ -379,9 +379,11 @@ class Engine:
     if not ready:
       return []
     d = self._dev
+    # Whole slot arrays, indexed on the host: indexing on the device would compile a gather for every new
+    # count of finished rows (measured: a GRPO step's sampling 0.10 s -> 0.30 s on average).
     idx = np.asarray(ready)
-    parts = jax.device_get((d.tokens[idx], d.logprobs[idx], d.lengths[idx]))
-    ex = None if d.experts is None else jax.device_get((d.experts[idx], d.prompt_experts[idx]))
+    parts = [x[idx] for x in jax.device_get((d.tokens, d.logprobs, d.lengths))]
+    ex = None if d.experts is None else [x[idx] for x in jax.device_get((d.experts, d.prompt_experts))]
     out = []
     for j, i in enumerate(ready):
       prompt, row = self._slot_rows[i]
