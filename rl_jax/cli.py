@@ -190,11 +190,11 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_sft(args) -> None:
-  from rl_jax.train import sft
+  from rl_jax.train import runner, sft
 
   run = _run_config(args)
   last = sft.train(run)
-  where = sft.run_dir_of(run)
+  where = runner.run_dir_of(run, "sft")
   if last:
     print(f"sft done: step {last['step']}, loss {last['loss']:.4f} -> {where}")
   else:

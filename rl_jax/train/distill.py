@@ -25,7 +25,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -266,16 +265,7 @@ def make_distill_step(graphdef, teacher_graphdef, d: DistillConfig, train: Train
     (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
     grads = jax.tree.map(lambda g: g / A, grads)
     metrics = {k: (v if k == "tokens" else v / A) for k, v in metrics.items()}
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    ok = ST.finite_update(metrics["loss"], metrics["grad_norm"], params)
-    params, opt_state = ST.keep_if(ok, (params, opt_state), (state.params, state.opt_state))
-    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    metrics["param_norm"] = optax.global_norm(params)
-    if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-    return TrainState(state.step + 1, params, state.bias, opt_state), metrics
+    return ST.apply_update(state, grads, metrics, tx, lr_schedule)
 
   return step
 

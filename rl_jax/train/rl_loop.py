@@ -10,7 +10,6 @@ model_config.json, with the run's dtypes), routed dropless so that rows never co
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -62,13 +61,7 @@ def train(run: RunConfig, *, stage: str = "grpo") -> dict:
 def _checkpoint_model(run: RunConfig, stage: str) -> tuple[RunConfig, str]:
   """The run with the model section of the checkpoint it trains (--init, or its own when resuming), and
   that checkpoint's tokenizer directory."""
-  own = os.path.join(runner.run_dir_of(run, stage), "checkpoints")
-  src = own if ckpt.is_checkpoint(own) else run.init
-  if not src:
-    raise ValueError("rl-jax grpo trains a checkpoint: pass --init CHECKPOINT (e.g. a pretrain run's checkpoints)")
-  tok_dir = ckpt.tokenizer_dir(src)
-  if tok_dir is None:
-    raise ValueError(f"{src} has no tokenizer/ to encode prompts with")
+  src, tok_dir = runner.trained_checkpoint(run, stage, "prompts")
   model = ckpt.config_to_json(ckpt.read_model_config(src))
   return dataclasses.replace(run, model=model), tok_dir
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 
 import jax
@@ -59,13 +58,7 @@ def train(run: RunConfig, *, stage: str = "train-rm") -> dict:
 def _reward_model_config(run: RunConfig, stage: str) -> tuple[RunConfig, str]:
   """The run with the model section of --init (or of its own checkpoints when resuming) plus a score head,
   and that checkpoint's tokenizer directory."""
-  own = os.path.join(runner.run_dir_of(run, stage), "checkpoints")
-  src = own if ckpt.is_checkpoint(own) else run.init
-  if not src:
-    raise ValueError("rl-jax train-rm trains a checkpoint: pass --init CHECKPOINT (e.g. an RL or SFT run's)")
-  tok_dir = ckpt.tokenizer_dir(src)
-  if tok_dir is None:
-    raise ValueError(f"{src} has no tokenizer/ to encode pairs with")
+  src, tok_dir = runner.trained_checkpoint(run, stage, "pairs")
   model = {**ckpt.config_to_json(ckpt.read_model_config(src)), "score_head": True}
   return dataclasses.replace(run, model=model), tok_dir
 
@@ -211,16 +204,7 @@ def make_rm_step(graphdef, train, tx: optax.GradientTransformation, lr_schedule=
     grads, metrics = jax.tree.map(lambda x: x / A, (grads, metrics))
 
     # UPDATE; a non-finite step is skipped (the host stops after train.max_bad_steps in a row)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    ok = ST.finite_update(metrics["loss"], metrics["grad_norm"], params)
-    params, opt_state = ST.keep_if(ok, (params, opt_state), (state.params, state.opt_state))
-    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    metrics["param_norm"] = optax.global_norm(params)
-    if lr_schedule is not None:
-      metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
-    return S.TrainState(state.step + 1, params, state.bias, opt_state), metrics
+    return ST.apply_update(state, grads, metrics, tx, lr_schedule)
 
   return step
 

@@ -120,6 +120,19 @@ def run_dir_of(run: RunConfig, stage: str) -> str:
   return os.fspath(report.run_path(run.run_dir or os.path.join("runs", stage)))
 
 
+def trained_checkpoint(run: RunConfig, stage: str, what: str) -> tuple[str, str]:
+  """(checkpoint, its tokenizer dir) a post-training stage trains: its own when resuming, else --init; `what`
+  the stage encodes with the tokenizer (for the error)."""
+  own = os.path.join(run_dir_of(run, stage), "checkpoints")
+  src = own if ckpt.is_checkpoint(own) else run.init
+  if not src:
+    raise ValueError(f"rl-jax {stage} trains a checkpoint: pass --init CHECKPOINT")
+  tok_dir = ckpt.tokenizer_dir(src)
+  if tok_dir is None:
+    raise ValueError(f"{src} has no tokenizer/ to encode {what} with")
+  return src, tok_dir
+
+
 def write_run_files(ctx: Context, tokenizer_dir: str | None = None) -> None:
   """The checkpoint directory describes itself: model_config.json and the tokenizer (process 0 writes)."""
   if jax.process_index() != 0:

@@ -40,15 +40,11 @@ def train(run: RunConfig, *, stage: str = "sft") -> dict:
   return log.last
 
 
-def run_dir_of(run: RunConfig, stage: str = "sft") -> str:
-  return runner.run_dir_of(run, stage)
-
-
 def _checkpoint_model(run: RunConfig, stage: str) -> tuple[RunConfig, str | None]:
   """The run with the model section of the checkpoint it trains (its own when resuming, else --init, a HF
   directory converted first) and that checkpoint's tokenizer directory; without either, the run's model
   from scratch with data.tokenizer."""
-  own = os.path.join(run_dir_of(run, stage), "checkpoints")
+  own = os.path.join(runner.run_dir_of(run, stage), "checkpoints")
   if run.init:
     run = dataclasses.replace(run, init=_as_checkpoint(run.init, run, stage))
   src = own if ckpt.is_checkpoint(own) else run.init
@@ -67,7 +63,7 @@ def _as_checkpoint(path: str, run: RunConfig, stage: str) -> str:
     return path  # not HF: load_model names what is missing
   from rl_jax import models
 
-  dst = os.path.join(run_dir_of(run, stage), "init_hf")
+  dst = os.path.join(runner.run_dir_of(run, stage), "init_hf")
   if not ckpt.is_checkpoint(dst):
     model = models.load_hf(path, dtype=jnp.dtype(run.train.param_dtype))
     tok = path if os.path.exists(os.path.join(path, "tokenizer.json")) else None

@@ -123,6 +123,21 @@ def make_train_step(
   return step
 
 
+def apply_update(state: TrainState, grads, metrics: dict, tx: optax.GradientTransformation, lr_schedule=None):
+  """The optimizer step of a stage whose router biases stay frozen (SFT-like stages: distill, train-rm): a
+  non-finite update is skipped (state kept); grad_norm, skipped, param_norm and lr join `metrics`."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  ok = finite_update(metrics["loss"], metrics["grad_norm"], params)
+  params, opt_state = keep_if(ok, (params, opt_state), (state.params, state.opt_state))
+  metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+  metrics["param_norm"] = optax.global_norm(params)
+  if lr_schedule is not None:
+    metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+  return TrainState(state.step + 1, params, state.bias, opt_state), metrics
+
+
 def finite_update(loss, grad_norm, new_params):
   """Whether an update may be applied: a finite loss and gradient norm, and parameters that stay finite (an
   update that overflows them, e.g. a huge learning rate, is as harmful as a NaN gradient)."""
