@@ -1,13 +1,17 @@
-"""Attention: MLA (naive training path + absorbed latent-cache path) and GQA, with a preallocated cache.
+"""Attention: MLA (naive path for training / prefill, absorbed latent-cache path for decode) and GQA, with a cache.
 
 Cache layout (one dict per layer; slot s holds the token at position s of its row):
   MLA: {"c": [B, S, kv_lora] normed latent, "k_pe": [B, S, rope] rotated shared rope key}
   GQA: {"k": [B, S, Hkv, hd], "v": [B, S, Hkv, hd]}
-A call with a cache writes its T new tokens at slots positions[:, 0] ... positions[:, 0] + T - 1 of each
-row, then attends to every slot <= the query's position, so right-padded prompts of different lengths
-need no left padding: a row's pad slots are overwritten before any later query can see them.
+A call with a cache and a dense [B, T, S] mask (decode) writes its T new tokens at slots positions[:, 0] ...
+positions[:, 0] + T - 1 of each row, then attends to every slot <= the query's position, so right-padded prompts
+of different lengths need no left padding: a row's pad slots are overwritten before any later query can see them.
+A call with a cache and a `Causal` mask is a PREFILL: the T tokens are the row's positions 0..T-1 (in the order of
+`Causal.idx_BT`), so they attend only among themselves, exactly as the training path below (blockwise for long
+rows, sequence-parallel on a splitting mesh: no [T, S] scores), and are written at slots 0..T-1 (MLA: c, k_pe;
+GQA: K, V), a zig-zag row put back in order. Right-padded prompts are fine: padding only follows real tokens.
 
-Training calls (no cache) get a `Causal` mask (segment ids + global token indices), never a [T, T] array:
+Training calls (no cache) and prefills get a `Causal` mask (segment ids + global token indices), never a [T, T] array:
   * T < BLOCKWISE_MIN_T on one shard: the dense path (scores [B, H, T, T]) as before;
   * longer rows: `blockwise_attention`, an online softmax over BLOCK x BLOCK tiles (flash-attention style, pure
     jnp): a scan over query blocks, each a scan over key blocks, both rematerialised, so neither the scores nor
@@ -37,7 +41,7 @@ from .layers import ACT_BTH, DTYPES, RMSNorm, param
 from .rope import Rope, softmax_scale
 
 NEG_INF = -1e30
-BLOCKWISE_MIN_T = 1024  # training rows at least this long attend blockwise (read at trace time)
+BLOCKWISE_MIN_T = 1024  # training / prefill rows at least this long attend blockwise (read at trace time)
 BLOCK = 512  # query / key tile of the blockwise path
 
 
@@ -78,6 +82,21 @@ def write_cache(cache_BS, new_BT, start_B):
   return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), s, axis=0))(
     cache_BS, new_BT, start_B
   )
+
+
+def write_prefill(cache_BS, new_BT, causal: Causal):
+  """Writes a prefill's T tokens at slots 0..T-1 of every row: token t goes to slot idx[t] (a permuted row,
+  e.g. zig-zag, is put back in order)."""
+  if causal.segment_ids_BT is not None:
+    raise ValueError("a prefill (cache + Causal mask) holds one document a row: segment_ids_BT must be None")
+  if causal.idx_BT is not None:
+    new_BT = jax.vmap(lambda u, i: u[i])(new_BT, jnp.argsort(causal.idx_BT, axis=1))
+  return jax.lax.dynamic_update_slice_in_dim(cache_BS, new_BT.astype(cache_BS.dtype), 0, axis=1)
+
+
+def _as_cached(x, cache_BS, dtype):
+  """x as the cache will hold it (its dtype), so a prefill attends to what later decode steps read back."""
+  return x.astype(cache_BS.dtype).astype(dtype)
 
 
 def _softmax(scores, mask_B1TS):
@@ -277,23 +296,30 @@ class MLA(nnx.Module):
     w_kv = self.kv_b[...].astype(dt)
     w_uk, w_uv = w_kv[..., : cfg.qk_nope_head_dim], w_kv[..., cfg.qk_nope_head_dim :]
     B, T = positions_BT.shape
-    if cache is None and isinstance(mask_BTS, Causal) and use_blockwise(T):
+    new_cache, causal = None, isinstance(mask_BTS, Causal)
+    if cache is not None and causal:
+      # PREFILL: write the latent at slots 0..T-1, then attend among the T tokens as training does.
+      new_cache = {
+        "c": write_prefill(cache["c"], c_BTC, mask_BTS),
+        "k_pe": write_prefill(cache["k_pe"], k_pe_BTR, mask_BTS),
+      }
+      c_BTC, k_pe_BTR = _as_cached(c_BTC, cache["c"], dt), _as_cached(k_pe_BTR, cache["k_pe"], dt)
+    if causal and use_blockwise(T):
       # BLOCKWISE (long rows, sequence-parallel): keys/values expanded from the latent per key block.
       q_parts = (q_nope[:, :, :, None], q_pe[:, :, :, None])
       o = train_attention(
         q_parts, (c_BTC, k_pe_BTR), (w_uk, w_uv), _mla_expand, mask_BTS, self.scale, heads="act_heads", src_heads=False
       )
       o_BTHV = constrain(o[:, :, :, 0], ACT_BTH)
-      return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o[...].astype(dt)), None
+      return jnp.einsum("bthv,hvd->btd", o_BTHV, self.o[...].astype(dt)), new_cache
     mask = _dense_mask(mask_BTS, B, T)[:, None]
-    if cache is None:
-      # NAIVE: expand the latent into per-head keys and values (cheapest for long prompts / training).
+    if causal or cache is None:
+      # NAIVE (training, short prefills): expand the latent into per-head keys and values.
       k_nope = jnp.einsum("bsc,chn->bshn", c_BTC, w_uk)
       v_BSHV = jnp.einsum("bsc,chv->bshv", c_BTC, w_uv)
       s = jnp.einsum("bthn,bshn->bhts", q_nope, k_nope) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe_BTR)
       p = _softmax(s * self.scale, mask).astype(dt)
       o_BTHV = jnp.einsum("bhts,bshv->bthv", p, v_BSHV)
-      new_cache = None
     else:
       # ABSORBED: W_UK folds into the query and W_UV into the output; attend over the latent cache directly.
       start = positions_BT[:, 0]
@@ -343,18 +369,21 @@ class GQA(nnx.Module):
     q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
     q = constrain(q, ACT_BTH)
     k, v = (constrain(a, ("act_batch", "act_seq", "act_kv_heads", None)) for a in (k, v))
-    new_cache = None
-    if cache is not None:
+    new_cache, causal = None, isinstance(mask_BTS, Causal)
+    if cache is not None and causal:  # PREFILL: K/V at slots 0..T-1; attention among the T tokens below
+      new_cache = {"k": write_prefill(cache["k"], k, mask_BTS), "v": write_prefill(cache["v"], v, mask_BTS)}
+      k, v = _as_cached(k, cache["k"], dt), _as_cached(v, cache["v"], dt)
+    elif cache is not None:
       start = positions_BT[:, 0]
       new_cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
       k, v = new_cache["k"].astype(dt), new_cache["v"].astype(dt)
     B, T, H, hd = q.shape
     G = H // cfg.num_key_value_heads
     q = q.reshape(B, T, cfg.num_key_value_heads, G, hd)
-    if cache is None and isinstance(mask_BTS, Causal) and use_blockwise(T):
+    if causal and use_blockwise(T):
       o = train_attention((q,), (k, v), (), _gqa_expand, mask_BTS, self.scale, heads="act_kv_heads", src_heads=True)
       o = constrain(o.reshape(B, T, H, hd), ACT_BTH)
-      return jnp.einsum("bthk,hkd->btd", o, self.o[...].astype(dt)), None
+      return jnp.einsum("bthk,hkd->btd", o, self.o[...].astype(dt)), new_cache
     s = jnp.einsum("btkgd,bskd->bkgts", q, k)
     p = _softmax(s * self.scale, _dense_mask(mask_BTS, B, T)[:, None, None]).astype(dt)
     o = constrain(jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H, hd), ACT_BTH)

@@ -105,23 +105,40 @@ class Transformer(nnx.Module):
     replay_experts=None,
     last_only: bool = False,
     remat: bool = False,
+    prefill: bool = False,
   ) -> Output:
     """tokens [B, T] int32. With `cache` (from `init_cache`) tokens are written at slots `positions`.
+
+    `prefill` (with a cache; no positions / segment ids): the tokens are each row's positions 0..T-1 (a prompt,
+    right padding allowed), written at slots 0..T-1. They attend only among themselves, through the training
+    path: a `Causal` mask instead of a dense [B, T, S] one, blockwise for long prompts and sequence-parallel
+    (zig-zag, below) on a mesh that splits T; the cache comes back in slot order. Without it a cached call
+    (decode: T new tokens at any positions) attends over the whole cache with a dense mask.
 
     `segment_ids_BT` keeps packed documents apart; `replay_experts` (one [B, T, K] per MoE layer) forces
     the routing chosen at sampling time; `mtp` also runs the multi-token-prediction modules;
     `last_only` computes logits for the last position only (prefill); `remat` recomputes each block's
     activations in the backward pass instead of storing them (training memory for compute).
-    Without a cache on a mesh that splits T over "sequence" (n shards, 2n dividing T), the main stack runs on
-    the row in zig-zag order (models/attention.py); outputs come back in the original order. MoE capacity
+    Without a cache (or in a prefill) on a mesh that splits T over "sequence" (n shards, 2n dividing T), the main
+    stack runs on the row in zig-zag order (models/attention.py); outputs come back in the original order. MoE capacity
     dispatch (moe_capacity_factor set) ranks tokens in the order it sees them, so what overflows can differ
     from sequence=1; dropless (the default) is exact."""
     B, T = tokens_BT.shape
+    cache_len = None if cache is None else cache[0][next(iter(cache[0]))].shape[1]
+    if prefill:
+      if cache is None:
+        raise ValueError("forward(prefill=True) needs a cache (model.init_cache) to write the prompt into")
+      if positions_BT is not None or segment_ids_BT is not None:
+        raise ValueError(
+          "forward(prefill=True) writes positions 0..T-1 of one document a row: pass no positions_BT / segment_ids_BT"
+        )
+      if T > cache_len:
+        raise ValueError(f"forward(prefill=True): {T} tokens do not fit the cache's {cache_len} slots")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cache_len = None if cache is None else cache[0][next(iter(cache[0]))].shape[1]
-    perm = None if cache is not None else zigzag_order(T, sequence_shards(T))
-    if cache is not None:
+    decode = cache is not None and not prefill  # a dense [B, T, S] mask over the whole cache
+    perm = None if decode else zigzag_order(T, sequence_shards(T))
+    if decode:
       mask = causal_mask(positions_BT, segment_ids_BT, cache_len)
     elif perm is None:
       mask = Causal(segment_ids_BT)  # implicit: attention picks dense or blockwise by T

@@ -130,8 +130,8 @@ def _prefill(model, s: _Slots, prompts_UP, plen_U, src_R, row_R, max_new_R, slot
   R = src_R.shape[0]
   prompts_UP = constrain(prompts_UP, ("act_batch", None))
   cache_U = S._constrain_cache(model.init_cache(prompts_UP.shape[0], P))
-  pos_UP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), prompts_UP.shape)
-  out = model.forward(prompts_UP, positions_BT=pos_UP, cache=cache_U, last_only=True)
+  # positions 0..P-1: the training attention path (blockwise, sequence-parallel on a `sequence` mesh)
+  out = model.forward(prompts_UP, cache=cache_U, last_only=True, prefill=True)
   h_UD = jnp.take_along_axis(out.hidden_BTD, (plen_U - 1)[:, None, None], axis=1)[:, 0]
   logits_RV = model.head(h_UD[:, None])[:, 0][src_R]
   valid_R, plen_R = slot_R < s.t.shape[0], plen_U[src_R]

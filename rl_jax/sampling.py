@@ -4,6 +4,9 @@
 buckets, so a new request shape rarely recompiles. Prompts are right-padded: the whole padded batch is
 prefilled once with positions 0..P-1, each row's first token comes from its logits at len-1, and row b
 then decodes at positions len_b, len_b + 1, ... (its pad slots are overwritten before they are seen).
+The prefill is `forward(prefill=True)`: the prompt attends among itself as in training (blockwise for long
+prompts, no [P, P + N] scores; under a mesh with a `sequence` axis, split over it, sequence-parallel), and only
+the decode steps attend over the cache.
 
 Every row draws from its own key, `fold_in(fold_in(key(seed), global_row), step)`, so a row's sample
 depends only on (seed, its index in the result, its prompt), never on its batch neighbours. Log-probs
@@ -149,15 +152,14 @@ def prefill(model, prompts_BP, prompt_len_B, cache_len: int, group: int = 1):
   """Prefills the first row of every `group` of rows (the rows of a group share their prompt) into a cache of
   `cache_len` slots and broadcasts it to the group: (last-token logits [B, V], cache [B, ...], prompt routing
   [B, P, L, K] or None). group == 1 prefills every row."""
-  B, P = prompts_BP.shape
+  B = prompts_BP.shape[0]
   src_B = jnp.arange(B) // group
   if group > 1:
     first_U = jnp.minimum(jnp.arange(group_rows(B, group)) * group, B - 1)
     prompts_BP, prompt_len_B = constrain(prompts_BP[first_U], ("act_batch", None)), prompt_len_B[first_U]
   U = prompts_BP.shape[0]
   cache = _constrain_cache(model.init_cache(U, cache_len))
-  positions_UP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (U, P))
-  out = model.forward(prompts_BP, positions_BT=positions_UP, cache=cache, last_only=True)
+  out = model.forward(prompts_BP, cache=cache, last_only=True, prefill=True)  # positions 0..P-1
   h_UD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_UV = model.head(h_UD[:, None])[:, 0]
   experts = _stack_experts(out.routing)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rl_jax.models.attention import causal_mask
+from rl_jax.models.attention import Causal, causal_mask
 from rl_jax.sampling import PAD_ID, bucket
 
 
@@ -76,11 +76,12 @@ def residual(p_BV, q_BV):
 
 
 # ------------------------------------------------------------------ the MTP block with a cache
-def _mtp_hidden(model, module, h_BTD, tok_BT, pos_BT, cache):
-  """The MTP block's output at positions `pos` from the main hidden h_i and token x_{i+1}; writes its cache."""
+def _mtp_hidden(model, module, h_BTD, tok_BT, pos_BT, cache, prefill: bool = False):
+  """The MTP block's output at positions `pos` from the main hidden h_i and token x_{i+1}; writes its cache.
+  `prefill`: pos are 0..T-1, attended among themselves as in training (models/attention.py)."""
   emb = model.embed_tokens(tok_BT)
   x = jnp.concatenate([module.enorm(emb), module.hnorm(h_BTD)], axis=-1) @ module.eh_proj[...].astype(module.dtype)
-  mask = causal_mask(pos_BT, None, next(iter(cache.values())).shape[1])
+  mask = Causal() if prefill else causal_mask(pos_BT, None, next(iter(cache.values())).shape[1])
   x, cache, _ = module.block(x, pos_BT, mask, cache)
   return x, cache
 
@@ -93,10 +94,11 @@ def _pick(logits_BV, key_B, temperature: float):
   return jax.vmap(jax.random.categorical)(key_B, scaled).astype(jnp.int32), jax.nn.softmax(scaled, -1)
 
 
-def _draft(model, h_BTD, tok_BT, pos_BT, idx_B, mcache, key_B, temperature: float, K: int):
-  """Runs the MTP block over the T positions given, drafts K tokens from its output at index idx."""
+def _draft(model, h_BTD, tok_BT, pos_BT, idx_B, mcache, key_B, temperature: float, K: int, prefill: bool = False):
+  """Runs the MTP block over the T positions given (`prefill`: the prompt's 0..T-1), drafts K tokens from its
+  output at index idx."""
   module = model.mtp[0]
-  hk_BTD, mcache = _mtp_hidden(model, module, h_BTD, tok_BT, pos_BT, mcache)
+  hk_BTD, mcache = _mtp_hidden(model, module, h_BTD, tok_BT, pos_BT, mcache, prefill)
   hk_B1D = jnp.take_along_axis(hk_BTD, idx_B[:, None, None], axis=1)
   pos_B = jnp.take_along_axis(pos_BT, idx_B[:, None], axis=1)[:, 0]
   drafts, qs = [], []
@@ -177,7 +179,7 @@ def _prefill(model, prompts_BP, prompt_len_B, keys_B, max_new, eos_id, temperatu
   """Main and MTP caches over the prompts, the first token (main model) and the first K drafts."""
   B, P = prompts_BP.shape
   pos_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  out = model.forward(prompts_BP, positions_BT=pos_BP, cache=model.init_cache(B, S), last_only=True)
+  out = model.forward(prompts_BP, cache=model.init_cache(B, S), last_only=True, prefill=True)  # positions 0..P-1
   h_BD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BV = model.head(h_BD[:, None])[:, 0]
   k0 = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys_B)
@@ -192,7 +194,7 @@ def _prefill(model, prompts_BP, prompt_len_B, keys_B, max_new, eos_id, temperatu
   mcache = model.mtp[0].block.attn.init_cache(B, S, model.dtype)
   draft_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k0)
   draft, q, mcache = _draft(
-    model, out.hidden_BTD, shifted, pos_BP, prompt_len_B - 1, mcache, draft_keys, temperature, K
+    model, out.hidden_BTD, shifted, pos_BP, prompt_len_B - 1, mcache, draft_keys, temperature, K, prefill=True
   )
   N = S - P - 2 * K - 2  # the budget bucket
   lengths = jnp.ones((B,), jnp.int32)

@@ -1,7 +1,8 @@
 """Sequence parallelism and blockwise attention: blockwise == dense on one device (forward and gradients, MLA
 and GQA, packed documents, a row that is not a multiple of the tile), the zig-zag split, the optional
 "sequence" mesh axis, and (in a child process with 8 fake CPU devices) whole-model logits and gradients on
-sequence=4 x fsdp=2 and sequence=2 x expert=2 x tensor=2 against one device."""
+sequence=4 x fsdp=2 and sequence=2 x expert=2 x tensor=2 against one device, the samplers' prefill (blockwise for a
+long prompt on one device, sequence-parallel on those meshes) too."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from jax.sharding import AbstractMesh
 
 from rl_jax.config import ConfigError, MeshConfig
 from rl_jax.models import attention as A
+from rl_jax.models import build
 from rl_jax.models.config import preset
 from rl_jax.sharding import AXES, logical_to_spec, mesh_shape
 from tests._subproc import run_python
@@ -81,6 +83,38 @@ def test_sequence_mesh_axis_is_optional():
     MeshConfig(sequence=0).validate()
 
 
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_long_prefill_is_blockwise_and_equals_the_dense_cached_path(name, monkeypatch):
+  """forward(prefill=True) of a prompt of BLOCKWISE_MIN_T tokens: same hidden states, logits and cache as the
+  old cached path (dense [T, S] scores over the cache), with compiled temp memory well below [H, T, T] scores."""
+  monkeypatch.setattr(A, "BLOCK", 128)
+  cfg = preset(name, num_hidden_layers=2)
+  graphdef, state = nnx.split(build(cfg, seed=0))
+  B, T = 1, A.BLOCKWISE_MIN_T
+  S = T + 8  # a cache with room for decoding: the old path's scores are [H, T, S]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (B, T)))
+
+  def run(state, tokens, prefill: bool):
+    model = nnx.merge(graphdef, state)
+    kw = {"prefill": True} if prefill else {"positions_BT": jnp.broadcast_to(jnp.arange(T), (B, T))}
+    out = model.forward(tokens, cache=model.init_cache(B, S), last_only=True, **kw)
+    return out.hidden_BTD, out.logits_BTV, out.cache
+
+  compiled = {p: jax.jit(run, static_argnums=2).lower(state, tokens, p).compile() for p in (True, False)}
+  new, old = (jax.device_get(compiled[p](state, tokens)) for p in (True, False))
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  scores = cfg.num_attention_heads * T * T * 4  # one layer's dense float32 scores
+  temp = {p: c.memory_analysis().temp_size_in_bytes for p, c in compiled.items()}
+  assert temp[False] >= scores > 2 * temp[True], (temp, scores)
+  model = nnx.merge(graphdef, state)
+  with pytest.raises(ValueError, match="needs a cache"):
+    model.forward(tokens[:, :8], prefill=True)
+  with pytest.raises(ValueError, match="do not fit the cache"):
+    model.forward(tokens[:, :8], cache=model.init_cache(B, 4), prefill=True)
+
+
 def test_sequence_parallel_matches_one_device_on_8_devices():
+  """Training forward + gradients, and `sampling.generate` (sequence-parallel prefill), against one device."""
   proc = run_python(["tests/_seq_parallel_worker.py", "tiny-moe", "tiny-dense"], n_devices=8, timeout=600)
   assert proc.stdout.count("OK") == 2, proc.stdout
