@@ -19,8 +19,8 @@ from rl_jax.data import tokenizer as T
 _SENT = "|".join(re.escape(s) for s in P.FILLER)
 # The one textual format both the corpus and the eval must share, written out independently of passkey_text.
 _FORMAT = re.compile(
-  rf"^((?:(?:{_SENT}) )*)The pass key is ([A-Z]\d[a-z])\. Remember it\.((?: (?:{_SENT}))*) "
-  rf"What is the pass key\? The pass key is ([A-Z]\d[a-z])\.$"
+  rf"^((?:(?:{_SENT}) )*)The pass key is ([A-Z]-[a-z])\. Remember it\.((?: (?:{_SENT}))*) "
+  rf"What is the pass key\? The pass key is ([A-Z]-[a-z])\.$"
 )
 
 
