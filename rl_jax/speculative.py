@@ -11,12 +11,16 @@ One step (all fixed shapes, one `lax.while_loop` iteration):
      after the accepted prefix is the main argmax (greedy), a draw from normalize(max(0, p - q)) after a
      rejection, or a draw from p when every draft was accepted. So greedy output is plain greedy decoding's and
      sampled output has exactly the model's distribution (Leviathan et al. 2023; Chen et al. 2023).
-  3. DRAFT: the MTP block runs over positions L .. L+K with the verify step's hidden states and the tokens just
-     emitted, writing its cache; its output at the last accepted position drafts d'_1; for K > 1 the same MTP
-     module is chained (its output hidden and the previous draft, one position further, as vLLM does), which
-     only ever makes drafts worse, never the output wrong.
+  3. DRAFT: MTP module 1 runs over positions L .. L+K with the verify step's hidden states and the tokens just
+     emitted, writing its cache; its output at the last accepted position drafts d'_1. A model with D > 1 MTP
+     modules (V3's sequential design) drafts d'_j with module j, which reads module j-1's hidden states and the
+     tokens one further along (d'_{j-1} at the last accepted position), as in training. Drafts past D chain the
+     last module (its output hidden and the previous draft, one position further, as vLLM does), which only
+     ever makes drafts worse, never the output wrong.
 Rejected drafts leave stale cache slots behind the row's end: they are overwritten (the next step writes from
-the new L) before any query can see them, so nothing is rolled back or reallocated.
+the new L) before any query can see them, so nothing is rolled back or reallocated. Module j > 1 is the
+exception: its slot p holds x_{p+j}, so its j-1 slots before the new L were written with drafts; those a step
+rejected stay wrong, which can only lower later acceptance, never change the output.
 
 Log-probs are the main model's unmodified ones (temperature 1), as `rl_jax.sampling.generate` returns by
 default. A row's sample depends only on (seed, its row index, its prompt). MoE models should use dropless
@@ -53,7 +57,7 @@ class _Carry(NamedTuple):
   lengths: jax.Array  # int32 [B]
   done: jax.Array  # bool [B]
   cache: Any  # main model cache
-  mtp_cache: Any  # the MTP block's cache
+  mtp_cache: Any  # one cache per MTP module drafting (min(K, D) of them)
   draft: jax.Array  # int32 [B, K]
   q: jax.Array  # float32 [B, K, V] draft probabilities (sampled) or [B, K, 1] zeros (greedy)
   drafted: jax.Array  # int32 [B]
@@ -94,22 +98,43 @@ def _pick(logits_BV, key_B, temperature: float):
   return jax.vmap(jax.random.categorical)(key_B, scaled).astype(jnp.int32), jax.nn.softmax(scaled, -1)
 
 
-def _draft(model, h_BTD, tok_BT, pos_BT, idx_B, mcache, key_B, temperature: float, K: int, prefill: bool = False):
-  """Runs the MTP block over the T positions given (`prefill`: the prompt's 0..T-1), drafts K tokens from its
-  output at index idx."""
-  module = model.mtp[0]
-  hk_BTD, mcache = _mtp_hidden(model, module, h_BTD, tok_BT, pos_BT, mcache, prefill)
-  hk_B1D = jnp.take_along_axis(hk_BTD, idx_B[:, None, None], axis=1)
-  pos_B = jnp.take_along_axis(pos_BT, idx_B[:, None], axis=1)[:, 0]
-  drafts, qs = [], []
-  for j in range(K):
-    keys = jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(key_B)
-    d_B, q_B = _pick(model.head(module.head_norm(hk_B1D))[:, 0], keys, temperature)
+def _module_tokens(seq_BT, drafts, idx_B, j: int):
+  """MTP module j's input tokens x_{p+j} at the T positions: `seq` (x_{p+1} at index p, known up to idx) shifted by
+  j-1, then the drafts made so far past idx (module j at idx reads draft j-1)."""
+  T = seq_BT.shape[1]
+  u_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + (j - 1), seq_BT.shape)
+  tok_BT = jnp.take_along_axis(seq_BT, jnp.minimum(u_BT, T - 1), axis=1)
+  if not drafts:
+    return tok_BT
+  past = u_BT - idx_B[:, None] - 1
+  d_BT = jnp.take_along_axis(jnp.stack(drafts, 1), jnp.clip(past, 0, len(drafts) - 1), axis=1)
+  return jnp.where(past >= 0, d_BT, tok_BT)
+
+
+def _draft(model, h_BTD, seq_BT, pos_BT, idx_B, mcaches, key_B, temperature: float, K: int, prefill: bool = False):
+  """Drafts K tokens from the T positions given (`prefill`: the prompt's 0..T-1): MTP module j (j <= D, the
+  model's modules, in V3's sequence: module j reads module j-1's hidden) runs over all T positions, writing its
+  cache, and drafts from its output at index idx; drafts past D chain the last module one position at a time."""
+  D = min(K, len(model.mtp))
+  h, drafts, qs, mcaches = h_BTD, [], [], list(mcaches)
+  key = lambda j: jax.vmap(lambda k: jax.random.fold_in(k, j))(key_B)
+  for j in range(D):
+    module = model.mtp[j]
+    tok_BT = _module_tokens(seq_BT, drafts, idx_B, j + 1)
+    h, mcaches[j] = _mtp_hidden(model, module, h, tok_BT, pos_BT, mcaches[j], prefill)
+    hk_B1D = jnp.take_along_axis(h, idx_B[:, None, None], axis=1)
+    d_B, q_B = _pick(model.head(module.head_norm(hk_B1D))[:, 0], key(j), temperature)
     drafts.append(d_B)
     qs.append(q_B)
-    if j + 1 < K:  # chain: the MTP output hidden and this draft, one position further
-      hk_B1D, mcache = _mtp_hidden(model, module, hk_B1D, d_B[:, None], (pos_B + j + 1)[:, None], mcache)
-  return jnp.stack(drafts, 1), jnp.stack(qs, 1), mcache
+  pos_B = jnp.take_along_axis(pos_BT, idx_B[:, None], axis=1)[:, 0]
+  for j in range(D, K):  # chain: the last module's output hidden and the last draft, one position further
+    hk_B1D, mcaches[-1] = _mtp_hidden(
+      model, module, hk_B1D, drafts[-1][:, None], (pos_B + j - D + 1)[:, None], mcaches[-1]
+    )
+    d_B, q_B = _pick(model.head(module.head_norm(hk_B1D))[:, 0], key(j), temperature)
+    drafts.append(d_B)
+    qs.append(q_B)
+  return jnp.stack(drafts, 1), jnp.stack(qs, 1), tuple(mcaches)
 
 
 # ------------------------------------------------------------------ one verify step
@@ -191,7 +216,7 @@ def _prefill(model, prompts_BP, prompt_len_B, keys_B, max_new, eos_id, temperatu
   lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1), tok_B[:, None], -1)[:, 0]
   # MTP position j pairs h_j with x_{j+1}: the prompt shifted left, the first generated token at len-1.
   shifted = jnp.roll(prompts_BP, -1, axis=1).at[jnp.arange(B), prompt_len_B - 1].set(tok_B)
-  mcache = model.mtp[0].block.attn.init_cache(B, S, model.dtype)
+  mcache = tuple(m.block.attn.init_cache(B, S, model.dtype) for m in model.mtp[: min(K, len(model.mtp))])
   draft_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(k0)
   draft, q, mcache = _draft(
     model, out.hidden_BTD, shifted, pos_BP, prompt_len_B - 1, mcache, draft_keys, temperature, K, prefill=True

@@ -1,5 +1,5 @@
 """MTP speculative decoding: greedy output == plain greedy decoding (random and trained weights, EOS, several
-prompt lengths, draft lengths 1 and 2); sampled output has the model's exact distribution (chi-square against
+prompt lengths, draft lengths 1-3, one MTP module chained or V3's sequential modules); sampled output has the model's exact distribution (chi-square against
 probabilities enumerated by teacher forcing), and the same test rejects a broken acceptance / residual rule."""
 
 import functools
@@ -45,9 +45,10 @@ def _data(key, B: int, T: int, V: int):
 
 
 @functools.cache
-def _trained():
-  """A dense tiny V3 trained (main + MTP loss) until both predict the progressions well: high acceptance."""
-  model = models.build(ModelConfig(vocab_size=64, **BASE), seed=0)
+def _trained(D: int = 1):
+  """A dense tiny V3 with D MTP modules trained (main + MTP losses) until all predict the progressions well:
+  high acceptance."""
+  model = models.build(ModelConfig(vocab_size=64, **{**BASE, "num_nextn_predict_layers": D}), seed=0)
   opt = nnx.Optimizer(model, optax.adam(2e-2), wrt=nnx.Param)
 
   @nnx.jit
@@ -55,8 +56,8 @@ def _trained():
     def loss_fn(model):
       out = model.forward(x[:, :-1], mtp=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(out.logits_BTV, x[:, 1:]).mean()
-      mtp = optax.softmax_cross_entropy_with_integer_labels(out.mtp_logits[0][:, :-1], x[:, 2:]).mean()
-      return ce + mtp
+      xent = optax.softmax_cross_entropy_with_integer_labels
+      return ce + sum(xent(out.mtp_logits[k][:, : -(k + 1)], x[:, k + 2 :]).mean() for k in range(D))
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     opt.update(model, grads)
@@ -72,22 +73,26 @@ def _random_moe():
   return models.build(ModelConfig(vocab_size=64, initializer_range=0.1, **BASE, **MOE), seed=1)
 
 
-@pytest.mark.parametrize("which", ["random_moe", "trained"])
+@pytest.mark.parametrize("which", ["random_moe", "trained", "trained_2_modules"])
 def test_greedy_equals_plain_greedy(which):
-  model = _random_moe() if which == "random_moe" else _trained()
-  prompts = PROMPTS + ([[3, 5], [10, 11, 12]] if which == "trained" else [])
+  model = {"random_moe": _random_moe, "trained": _trained, "trained_2_modules": lambda: _trained(2)}[which]()
+  trained = which != "random_moe"
+  prompts = PROMPTS + ([[3, 5], [10, 11, 12]] if trained else [])
   # EOS: a token row 1 emits mid-way, so that rows end at different steps
   eos = int(sampling.generate(model, prompts, max_new_tokens=24, temperature=0.0).tokens[1, 9])
   ref = sampling.generate(model, prompts, max_new_tokens=24, temperature=0.0, eos_id=eos)
   assert (ref.lengths < 24).any() and (ref.lengths > 1).any(), ref.lengths
-  for K in (1, 2) if which == "trained" else (1,):  # (compile time: the MoE one drafts 1)
+  # (compile time: the MoE one drafts 1; with 2 modules, K = 3 chains the second)
+  for K in {"random_moe": (1,), "trained": (1, 2), "trained_2_modules": (2, 3)}[which]:
     out = speculative.generate(model, prompts, max_new_tokens=24, eos_id=eos, draft_len=K)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     assert out.drafted > 0
-    if which == "trained":  # the accept path is exercised, and steps are saved
+    if trained:  # the accept path is exercised, and steps are saved
       assert out.acceptance_rate > 0.5, out.acceptance_rate
+      if which == "trained_2_modules" and K == 2:  # module 2 fed module 1's draft (0.86; 0.61 when fed x_{p+1})
+        assert out.acceptance_rate > 0.75, out.acceptance_rate
       assert out.steps < 24 * 0.75
 
 
@@ -97,9 +102,11 @@ PROMPT = [[3, 1, 4]]
 
 
 @functools.cache
-def _small():
+def _small(D: int = 1):
   """Vocab 8, sharp distributions; the untrained MTP disagrees with the main model (rejections happen)."""
-  cfg = ModelConfig(vocab_size=V_SMALL, initializer_range=0.6, **{**BASE, "num_hidden_layers": 1})
+  cfg = ModelConfig(
+    vocab_size=V_SMALL, initializer_range=0.6, **{**BASE, "num_hidden_layers": 1, "num_nextn_predict_layers": D}
+  )
   return models.build(cfg, seed=3)
 
 
@@ -126,19 +133,21 @@ def _chi2(tokens, probs, cols):
   return stat, float(scipy.stats.chi2.ppf(1 - 1e-4, len(obs) - 1))
 
 
-def _sampled(K: int, n: int):
-  return speculative.generate(_small(), PROMPT * ROWS, max_new_tokens=n, temperature=1.0, seed=11, draft_len=K)
+def _sampled(K: int, n: int, D: int = 1):
+  return speculative.generate(_small(D), PROMPT * ROWS, max_new_tokens=n, temperature=1.0, seed=11, draft_len=K)
 
 
 # Two drafts a step: the first token comes from the prefill, the second and third out of the accept / reject
-# step (the third from a chained draft, or the main model's token after a rejection). Their joint is tested.
+# step (the third from a chained draft or the second MTP module, or the main model's token after a rejection).
+# Their joint is tested.
 K, N_NEW, COLS = 2, 3, (1, 2)
 
 
-def test_sampled_distribution_is_the_models():
-  out = _sampled(K, N_NEW)
+@pytest.mark.parametrize("D", [1, 2])
+def test_sampled_distribution_is_the_models(D):
+  out = _sampled(K, N_NEW, D)
   assert 0.1 < out.acceptance_rate < 0.9, out.acceptance_rate  # both branches taken
-  stat, crit = _chi2(out.tokens, _exact(_small(), N_NEW), COLS)
+  stat, crit = _chi2(out.tokens, _exact(_small(D), N_NEW), COLS)
   assert stat < crit, (stat, crit)
 
 
