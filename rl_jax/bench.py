@@ -4,6 +4,7 @@ the spot on the same devices; sampler throughput and cache size. Results print a
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -227,3 +228,88 @@ def bench_rollout(
   }
   print(json.dumps(out), flush=True)
   return out
+
+
+# ------------------------------------------------------------------ speculative decoding
+def _spec_prompts(checkpoint: str, kind: str, n: int, prompt_tokens: int) -> list[list[int]]:
+  """The first tokens of held-out documents of the corpus the checkpoint was trained on (a seed no run uses)."""
+  from rl_jax import checkpoint as ckpt
+  from rl_jax.data import procedural
+  from rl_jax.data import tokenizer as toks
+
+  tok_dir = ckpt.tokenizer_dir(checkpoint)
+  if tok_dir is None:
+    raise ValueError(f"{checkpoint}: no tokenizer saved with the checkpoint (bench spec encodes corpus prompts)")
+  tok = toks.load(tok_dir)
+  bos = tok.token_to_id(toks.BOS)
+  out = []
+  for i in range(n):
+    ids = ([] if bos is None else [bos]) + toks.encode(tok, procedural.document_at(987, i, kind))
+    out.append(ids[: min(prompt_tokens, len(ids) - 1)])
+  return out
+
+
+def bench_spec(
+  checkpoint: str,
+  *,
+  kind: str = "r1",
+  draft_lens=(1, 2, 3),
+  n_prompts: int = 4,
+  prompt_tokens: int = 12,
+  new_tokens: int = 128,
+  repeats: int = 3,
+) -> list[dict]:
+  """MTP speculative decoding vs plain greedy decoding at batch 1, side by side: every configuration compiled
+  and run once first (warm-up excluded, the speculative tokens checked equal to plain greedy's), then plain and
+  speculative runs interleaved `repeats` times, best of each. MoE layers switch to dropless dispatch."""
+  from rl_jax import checkpoint as ckpt
+  from rl_jax import sampling, speculative
+
+  model = ckpt.load_model(checkpoint, moe_capacity_factor=None)
+  prompts = _spec_prompts(checkpoint, kind, n_prompts, prompt_tokens)
+  plain = lambda p: sampling.generate(model, [p], max_new_tokens=new_tokens, temperature=0.0)
+  spec = {
+    k: (lambda p, k=k: speculative.generate(model, [p], max_new_tokens=new_tokens, draft_len=k)) for k in draft_lens
+  }
+  ref = [plain(p) for p in prompts]  # warm-up and the reference tokens
+  for k, fn in spec.items():
+    for p, r in zip(prompts, ref):
+      np.testing.assert_array_equal(fn(p).tokens, r.tokens, err_msg=f"draft_len={k}: speculative != greedy")
+
+  def timed(fn, p):
+    t0 = time.perf_counter()
+    res = fn(p)
+    return time.perf_counter() - t0, res
+
+  best = {"plain": float("inf"), **{k: float("inf") for k in draft_lens}}
+  stats = {}
+  for _ in range(repeats):
+    best["plain"] = min(best["plain"], sum(timed(plain, p)[0] for p in prompts))
+    for k, fn in spec.items():
+      runs = [timed(fn, p) for p in prompts]
+      best[k] = min(best[k], sum(t for t, _ in runs))
+      stats[k] = [sum(getattr(r, f) for _, r in runs) for f in ("drafted", "accepted", "steps")]
+  tokens = int(sum(r.lengths.sum() for r in ref))
+  rows = []
+  for k in draft_lens:
+    drafted, accepted, steps = stats[k]
+    rows.append(
+      {
+        "bench": "spec",
+        "checkpoint": checkpoint,
+        "mtp_modules": len(model.mtp),
+        "batch": 1,
+        "prompts": n_prompts,
+        "new_tokens": new_tokens,
+        "draft_len": k,
+        "plain_tokens_per_s": round(tokens / best["plain"], 1),
+        "spec_tokens_per_s": round(tokens / best[k], 1),
+        "speedup": round(best["plain"] / best[k], 2),
+        "acceptance_rate": round(accepted / max(drafted, 1), 3),
+        "tokens_per_verify": round(tokens / max(steps + n_prompts, 1), 2),  # the prefill makes each first token
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      }
+    )
+    print(json.dumps(rows[-1]), flush=True)
+  return rows

@@ -325,6 +325,13 @@ def cmd_bench(args) -> None:
       args.preset, n_prompts=args.prompts, group=args.group, slots=args.slots, max_new=args.max_new_tokens,
       repeats=args.repeats,
     )  # fmt: skip
+  elif args.what == "spec":
+    if not os.path.isdir(args.checkpoint):
+      raise ValueError(f"{args.checkpoint}: no checkpoint (train one: rl-jax pretrain --config pretrain_spec_deep)")
+    bench.bench_spec(
+      args.checkpoint, kind=args.corpus, draft_lens=tuple(args.draft_lens), n_prompts=args.prompts,
+      new_tokens=args.new_tokens, repeats=args.repeats,
+    )  # fmt: skip
   else:
     bench.bench_sample(
       presets=tuple(args.presets.split(",")),
@@ -454,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--run-dir", help="default: runs/r1_zero_tiny")
   p.set_defaults(fn=cmd_pipeline)
 
-  p = sub.add_parser("bench", help="benchmarks: train (MFU), sample (tokens/s) or rollout (engine vs static)")
+  p = sub.add_parser(
+    "bench", help="benchmarks: train (MFU), sample (tokens/s), rollout (engine vs static), spec (MTP speculative)"
+  )
   what = p.add_subparsers(dest="what", required=True)  # each its own options, in any order with overrides
   q = what.add_parser("train", help="train-step time, tokens/s and MFU of a run config")
   _add_run_args(q)
@@ -469,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
   q.add_argument("--slots", type=int, default=64, help="engine decode slots (the static sampler: 8 prompts x G a call)")
   q.add_argument("--max-new-tokens", type=int, default=256, help="longest response of the long tail")
+  q.add_argument("--repeats", type=int, default=3, help="timed runs each side (best), after a warm-up")
+  q = what.add_parser("spec", help="MTP speculative vs plain greedy decoding at batch 1 (a checkpoint with MTP)")
+  q.add_argument("--checkpoint", required=True, help="a V3-shaped checkpoint whose MTP module(s) were trained")
+  q.add_argument("--corpus", default="r1", help="procedural kind the checkpoint was trained on (prompts)")
+  q.add_argument("--draft-lens", type=int, nargs="+", default=[1, 2, 3], help="draft lengths K")
+  q.add_argument("--prompts", type=int, default=4, help="prompts, decoded one at a time")
+  q.add_argument("--new-tokens", type=int, default=128)
   q.add_argument("--repeats", type=int, default=3, help="timed runs each side (best), after a warm-up")
   p.set_defaults(fn=cmd_bench)
   return ap
