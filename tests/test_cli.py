@@ -2,6 +2,7 @@
 the CLI, and the one-line error with exit code 2."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -169,3 +170,18 @@ def test_info_on_a_bad_model_config_names_the_file(tmp_path, capsys):
   path = tmp_path / "model_config.json"
   want = f"error: {path}: unknown config key 'hidden_szie' (did you mean 'hidden_size'?)\n"
   assert capsys.readouterr().err == want
+
+
+def test_bench_spec_checks_speculative_against_greedy(tiny_checkpoint, tmp_path, capsys):
+  """`rl-jax bench spec` runs both decoders on corpus prompts, asserts speculative == greedy tokens, and prints
+  one JSON row per draft length; a missing checkpoint is a one-line error."""
+  ckpt, _ = tiny_checkpoint
+  argv = ["bench", "spec", "--checkpoint", ckpt, "--draft-lens", "2", "--prompts", "1", "--new-tokens", "8"]
+  assert cli.main(argv + ["--repeats", "1"]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert row["bench"] == "spec" and row["draft_len"] == 2 and row["mtp_modules"] == 1
+  assert 0 <= row["acceptance_rate"] <= 1 and row["speedup"] > 0 and 1 <= row["tokens_per_verify"] <= 3
+  missing = str(tmp_path / "nope")
+  assert cli.main(["bench", "spec", "--checkpoint", missing]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and missing in err and err.count("\n") == 1, err
