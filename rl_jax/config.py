@@ -245,6 +245,7 @@ class GRPOConfig:
   max_new_tokens: int = 64  # completion budget (tokens)
   temperature: float = 1.0  # rollouts; log-probs (sampler and trainer) are those of logits / temperature
   top_p: float = 1.0
+  rollout_slots: int = 0  # rollout engine decode slots; 0 = one per row. Fewer: rows wait for finished rows' slots
   rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # weights
   reward_model: str | None = None  # checkpoint of `rl-jax train-rm`: the "rm" reward (sigmoid of its score)
   advantage: Literal["group", "batch", "none"] = "group"  # std scaling of r - group mean
@@ -276,6 +277,7 @@ class GRPOConfig:
       prompts_per_step=">= 1",
       max_prompt_len=">= 1",
       max_new_tokens=">= 1",
+      rollout_slots=">= 0",
       temperature="> 0",
       clip_low=">= 0",
       clip_high=">= 0",

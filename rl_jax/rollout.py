@@ -171,9 +171,12 @@ def completion_texts(tok, result: sampling.SampleResult, eos_id: int) -> list[st
 
 
 def rollout(model, tok, problems, *, group_size, template, max_prompt_len, max_new_tokens, temperature, top_p, seed,
-            spec: R.RewardSpec, pool=None, rows: slice | None = None, total: int = 0, sharding=None) -> Rollout:  # fmt: skip
+            spec: R.RewardSpec, pool=None, rows: slice | None = None, total: int = 0, sharding=None,
+            slots: int = 0) -> Rollout:  # fmt: skip
   """G completions of each problem from `model` (dropless MoE), scored. With `sharding`: `problems` are this
-  process's share, global rows `rows` of `total`, sampled together with the other processes' (generate_rows)."""
+  process's share, global rows `rows` of `total`, sampled together with the other processes' (generate_rows).
+  One process samples on the rollout engine with `slots` decode slots (0: one per row; fewer bound the decode
+  memory, finished rows' slots taking waiting rows); several run the static sampler."""
   vocab = toks.Vocab.from_tokenizer(tok)
   prompts = encode_prompts(tok, problems, template, max_prompt_len)
   t0 = time.perf_counter()
@@ -187,7 +190,7 @@ def rollout(model, tok, problems, *, group_size, template, max_prompt_len, max_n
   if sharding is not None and jax.process_count() > 1:
     res = generate_rows(model, prompts, rows=rows, total=total, sharding=sharding, **kw)
   else:  # one process: the rollout engine (shared prompt prefill, in-flight refill), the same rows and samples
-    res, st = engine.generate(model, prompts, logprob_temperature=temperature, **kw)
+    res, st = engine.generate(model, prompts, logprob_temperature=temperature, slots=slots, **kw)
     stats = {k: getattr(st, k) for k in engine.COUNTERS}
   t1 = time.perf_counter()
   texts = completion_texts(tok, res, vocab.eos_id)

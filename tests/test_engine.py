@@ -152,3 +152,30 @@ def test_grpo_step_counts_each_rollouts_engine_work_once():
   other = rollout.Rollout([{}] * 4, [[1]] * 4, res, [""] * 4, np.zeros(4, np.float32), {}, engine_stats=counters | {})
   parts = [ro.select(np.arange(i, i + 2)) for i in (0, 2)] + [other.select(np.arange(2))]
   assert rollout.concat(parts).engine_stats == {k: 2.0 for k in engine.COUNTERS}  # two rollouts, not three groups
+
+
+def test_grpo_rollout_on_fewer_slots_than_rows(monkeypatch):
+  """`grpo.rollout_slots` below a step's rows: the engine runs on that many slots (rows wait for finished rows'
+  slots) and the step's samples are the same as on one slot per row."""
+  import itertools
+
+  from rl_jax import models, rewards, rollout
+  from rl_jax.data import procedural
+  from rl_jax.data import tokenizer as toks
+  from rl_jax.models.config import preset
+
+  seen = []
+  real_init = engine.Engine.__init__
+  monkeypatch.setattr(
+    engine.Engine, "__init__", lambda self, *a, **k: seen.append(k["slots"]) or real_init(self, *a, **k)
+  )
+  tok = toks.train_bpe(itertools.islice(procedural.documents(0), 200), vocab_size=512)
+  model = models.build(preset("tiny-moe"), seed=0)
+  kw = dict(group_size=4, template="r1_zero_short", max_prompt_len=64, max_new_tokens=8, temperature=1.0, top_p=1.0,
+            seed=3, spec=rewards.RewardSpec(weights={"format": 1.0}))  # fmt: skip
+  problems = procedural.problems(0, 4, "chain")
+  full, few = rollout.rollout(model, tok, problems, **kw), rollout.rollout(model, tok, problems, slots=8, **kw)
+  assert seen == [16, 8]
+  np.testing.assert_array_equal(few.result.tokens, full.result.tokens)
+  np.testing.assert_allclose(few.result.logprobs, full.result.logprobs, atol=1e-5, rtol=0)
+  assert few.texts == full.texts

@@ -114,7 +114,8 @@ class Rollouts:
         model, self.tok, self.source.take(need, self.problems if split else slice(None)), group_size=g.group_size,
         template=g.template, max_prompt_len=g.max_prompt_len, max_new_tokens=g.max_new_tokens,
         temperature=g.temperature, top_p=g.top_p, seed=self.ctx.run.train.seed * 1_000_003 + self.step * 101 + rounds,
-        spec=self.spec, pool=self.pool, **(dict(rows=self.rows, total=self.total, sharding=self.sharding) if split else {}),
+        spec=self.spec, pool=self.pool, slots=g.rollout_slots,
+        **(dict(rows=self.rows, total=self.total, sharding=self.sharding) if split else {}),
       )  # fmt: skip
       self._add_rm(ro)
       sample_s, score_s = sample_s + ro.sample_s, score_s + ro.score_s
