@@ -1,6 +1,7 @@
 """MTP speculative decoding: greedy output == plain greedy decoding (random and trained weights, EOS, several
-prompt lengths, draft lengths 1-3, one MTP module chained or V3's sequential modules); sampled output has the model's exact distribution (chi-square against
-probabilities enumerated by teacher forcing), and the same test rejects a broken acceptance / residual rule."""
+prompt lengths, draft lengths 1-3, one MTP module chained or V3's sequential modules); sampled output has the
+model's exact distribution (chi-square against probabilities enumerated by teacher forcing), and the same test
+rejects a broken acceptance / residual rule."""
 
 import functools
 import itertools
