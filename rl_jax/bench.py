@@ -265,6 +265,11 @@ def bench_spec(
   from rl_jax import checkpoint as ckpt
   from rl_jax import sampling, speculative
 
+  if repeats < 1 or n_prompts < 1 or new_tokens < 1 or not draft_lens:
+    raise ValueError(
+      f"bench spec: --repeats, --prompts and --new-tokens must be >= 1 and --draft-lens given, got {repeats}, "
+      f"{n_prompts}, {new_tokens}, {list(draft_lens)}"
+    )
   model = ckpt.load_model(checkpoint, moe_capacity_factor=None)
   prompts = _spec_prompts(checkpoint, kind, n_prompts, prompt_tokens)
   plain = lambda p: sampling.generate(model, [p], max_new_tokens=new_tokens, temperature=0.0)

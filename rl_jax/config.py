@@ -245,7 +245,7 @@ class GRPOConfig:
   max_new_tokens: int = 64  # completion budget (tokens)
   temperature: float = 1.0  # rollouts; log-probs (sampler and trainer) are those of logits / temperature
   top_p: float = 1.0
-  rollout_slots: int = 0  # rollout engine decode slots; 0 = one per row. Fewer: rows wait for finished rows' slots
+  rollout_slots: int = 0  # engine decode slots (a multiple of the batch shards); 0 = one per row; fewer: rows queue
   rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})  # weights
   reward_model: str | None = None  # checkpoint of `rl-jax train-rm`: the "rm" reward (sigmoid of its score)
   advantage: Literal["group", "batch", "none"] = "group"  # std scaling of r - group mean
