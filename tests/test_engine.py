@@ -1,19 +1,16 @@
 """Rollout engine and shared prompt prefill: the same tokens, log-probs and routing as the static per-row sampler
 whatever the slot count, arrival order or per-row budget; rows come back as they finish; an 8-device mesh."""
 
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 
 from rl_jax import engine, sampling
+from tests._subproc import run_python
 from tests.test_sampling import PROMPTS, flat
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G, T, SEED = 3, 12, 5  # the buckets of tests/test_sampling.py's group test: its compiled sampler is reused
 
 
@@ -129,16 +126,7 @@ print("engine on the mesh == static single device")
 
 
 def test_engine_on_8_device_mesh():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-  }
-  proc = subprocess.run(
-    [sys.executable, "-c", MESH_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-  )
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  proc = run_python(["-c", MESH_SCRIPT], n_devices=8)
   assert "engine on the mesh == static single device" in proc.stdout
 
 
