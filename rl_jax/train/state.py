@@ -62,28 +62,14 @@ def split_model(model: nnx.Module):
 
 
 def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
-  """NamedShardings for every leaf under the ambient rules: params/bias by their logical axes, optimizer
-  moments like their param."""
+  """NamedShardings for every leaf under the ambient rules: params/bias by their logical axes, and the optimizer
+  state's moments like their parameters. optax builds the moments by mapping over the parameter state, so each
+  moment is an nnx.Variable carrying its parameter's `axes` metadata; the rest (counts) is replicated."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   p_sh = srules.param_shardings(abstract_state.params, mesh)
   b_sh = srules.param_shardings(abstract_state.bias, mesh)
-  opt_sh = _opt_shardings(abstract_state, p_sh, replicated)
+  opt_sh = srules.param_shardings(abstract_state.opt_state, mesh)
   return TrainState(replicated, p_sh, b_sh, opt_sh, None if abstract_state.ref is None else p_sh)
-
-
-def _opt_shardings(abstract_state, p_sh, replicated):
-  flat_p = {tuple(map(str, k)): v for k, v in nnx.to_flat_state(p_sh)}
-
-  def pick(path, leaf):
-    # optax keeps moment trees mirroring params: match a leaf by the param path at the end of its own path
-    keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-    for n in range(len(keys), 0, -1):
-      sh = flat_p.get(keys[-n:])
-      if sh is not None and len(sh.spec) <= len(leaf.shape):
-        return sh
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_state.opt_state)
 
 
 def _builder(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, ref: bool = False):
