@@ -75,6 +75,8 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
   initializer_range: float = 0.02
+  # --- execution (no effect on parameters, files or results) ---
+  scan_layers: bool = True  # each layer group runs as one lax.scan (compile time flat in depth); False: unrolled
 
   # ------------------------------------------------------------------ derived
   @property
@@ -95,6 +97,18 @@ class ModelConfig:
 
   def is_moe_layer(self, i: int) -> bool:
     return self.n_routed_experts > 0 and i >= self.first_k_dense_replace
+
+  def layer_groups(self) -> list[tuple[str, range]]:
+    """The decoder stack as runs of identical layers, in order: (the Transformer attribute holding the run's
+    parameters stacked on a leading "layers" axis, the layer indices it covers). Dense models have one group;
+    DeepSeek-V3 has its first_k_dense_replace dense layers, then the MoE layers."""
+    L = self.num_hidden_layers
+    k = min(self.first_k_dense_replace, L) if self.n_routed_experts else L
+    return [(name, r) for name, r in (("dense_layers", range(0, k)), ("moe_layers", range(k, L))) if len(r)]
+
+  @property
+  def n_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
   def validate(self) -> ModelConfig:
     def bad(key, problem):
@@ -127,8 +141,9 @@ class ModelConfig:
         )
     if self.num_nextn_predict_layers and not self.is_mla:
       bad("num_nextn_predict_layers", "must be 0: multi-token prediction is only implemented for deepseek_v3")
-    if not isinstance(self.score_head, bool):
-      bad("score_head", f"must be true or false, got {self.score_head!r}")
+    for k in ("score_head", "scan_layers"):
+      if not isinstance(getattr(self, k), bool):
+        bad(k, f"must be true or false, got {getattr(self, k)!r}")
     if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
       bad("moe_capacity_factor", f"must be > 0 or null, got {self.moe_capacity_factor}")
     return self

@@ -11,6 +11,7 @@ stacked experts only its own experts), so host memory never holds the model twic
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -46,8 +47,13 @@ class CheckpointError(ValueError):
 
 class Spec(NamedTuple):
   path: tuple  # our parameter's path in nnx.state(model)
-  hf: tuple[str, ...]  # one HF tensor, or E per-expert tensors stacked on our axis 0
+  hf: tuple[str, ...]  # the HF tensors it holds, row-major over `stack`
   n_in: int  # 0: as is; -1: flattened (biases); k: a linear layer, first k dims input
+  stack: tuple[int, ...] = ()  # our leading dims that index HF tensors: (layers,), (experts,) or (layers, experts)
+
+  def tensor(self, index: tuple[int, ...]) -> str:
+    """The HF name of the tensor at `index` of the stacked dims."""
+    return self.hf[int(np.ravel_multi_index(index, self.stack))] if self.stack else self.hf[0]
 
 
 def _lin_to_ours(w: np.ndarray, shape, n_in: int) -> np.ndarray:
@@ -100,8 +106,9 @@ def _layer_specs(cfg: ModelConfig, ours: tuple, hf: str, moe: bool) -> list[Spec
       Spec(m + ("router",), (hm + "gate.weight",), 1),
       Spec(m + ("bias",), (hm + "gate.e_score_correction_bias",), 0),
     ]
+    E = cfg.n_routed_experts
     for n in ("gate", "up", "down"):
-      s.append(Spec(m + (n,), tuple(f"{hm}experts.{e}.{n}_proj.weight" for e in range(cfg.n_routed_experts)), 1))
+      s.append(Spec(m + (n,), tuple(f"{hm}experts.{e}.{n}_proj.weight" for e in range(E)), 1, (E,)))
     if cfg.n_shared_experts:
       s += [Spec(m + ("shared", n), (f"{hm}shared_experts.{n}_proj.weight",), 1) for n in ("gate", "up", "down")]
   else:
@@ -114,8 +121,11 @@ def param_specs(cfg: ModelConfig) -> list[Spec]:
   specs = [Spec(("embed",), ("model.embed_tokens.weight",), 0), Spec(("norm", "scale"), ("model.norm.weight",), 0)]
   if not cfg.tie_word_embeddings:
     specs.append(Spec(("lm_head",), ("lm_head.weight",), 1))
-  for i in range(cfg.num_hidden_layers):
-    specs += _layer_specs(cfg, ("layers", i), f"model.layers.{i}.", cfg.is_moe_layer(i))
+  for group, idx in cfg.layer_groups():  # parameters stacked over the group's layers: one spec each
+    per_layer = [_layer_specs(cfg, (group,), f"model.layers.{i}.", cfg.is_moe_layer(i)) for i in idx]
+    for parts in zip(*per_layer):
+      p = parts[0]
+      specs.append(Spec(p.path, tuple(n for q in parts for n in q.hf), p.n_in, (len(idx), *p.stack)))
   for k in range(cfg.num_nextn_predict_layers):
     hf = f"model.layers.{cfg.num_hidden_layers + k}."
     specs += [
@@ -203,21 +213,22 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mesh=None, rules=None, compute_dty
   for spec in specs:
     var = flat[spec.path]
     shape, target = var.get_value().shape, var.get_value().dtype
-    n_in = spec.n_in
-    stacked = len(spec.hf) > 1
-    per = shape[1:] if stacked else shape
+    k = len(spec.stack)
+    per = shape[k:]
     for name in spec.hf:
-      if ckpt.shape(name) != _hf_shape(per, n_in):
+      if ckpt.shape(name) != _hf_shape(per, spec.n_in):
         raise CheckpointError(
-          f"shape mismatch for '{name}': checkpoint has {ckpt.shape(name)}, config expects {_hf_shape(per, n_in)}"
+          f"shape mismatch for '{name}': checkpoint has {ckpt.shape(name)}, config expects {_hf_shape(per, spec.n_in)}"
         )
 
-    def build(index, spec=spec, per=per, target=target, n_in=n_in, stacked=stacked):
-      if stacked:
-        experts = range(len(spec.hf))[index[0]]
-        parts = [_lin_to_ours(read(spec.hf[e]), per, n_in)[index[1:]] for e in experts]
-        return np.stack(parts).astype(target)
-      return np.asarray(_lin_to_ours(read(spec.hf[0]), per, n_in)[index]).astype(target)
+    def build(index, spec=spec, per=per, target=target, k=k):
+      # A device's block: the HF tensors its stacked dims (layers, experts) select, each sliced to its rest.
+      picks = [range(n)[i] for n, i in zip(spec.stack, index[:k])]
+      parts = [
+        np.asarray(_lin_to_ours(read(spec.tensor(at)), per, spec.n_in)[index[k:]]).astype(target)
+        for at in itertools.product(*picks)
+      ]
+      return parts[0] if not k else np.stack(parts).reshape(*map(len, picks), *parts[0].shape)
 
     sharding = shardings[spec.path] if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     var.set_value(jax.make_array_from_callback(shape, sharding, build))
@@ -271,21 +282,22 @@ def save_hf(
   flat = dict(nnx.to_flat_state(nnx.state(model)))
   tensors = []  # (name, shape, dtype, produce)
 
-  def fetch(p):
-    return np.asarray(jax.device_get(flat[p].get_value()))
+  def fetch(p, sel=...):
+    """One tensor's slice of our (possibly stacked) parameter, cut on the device before the copy to the host."""
+    return np.asarray(jax.device_get(flat[p].get_value()[sel]))
 
   for spec in param_specs(cfg):
     arr = flat[spec.path].get_value()
     out_dt = np.dtype(dtype) if dtype is not None and spec.path[-1] not in ("router", "bias") else np.dtype(arr.dtype)
-    per = arr.shape[1:] if len(spec.hf) > 1 else arr.shape
+    per = arr.shape[len(spec.stack) :]
     for e, name in enumerate(spec.hf):
-      sel = e if len(spec.hf) > 1 else ...
+      sel = np.unravel_index(e, spec.stack) if spec.stack else ...
       tensors.append(
         (
           name,
           _hf_shape(per, spec.n_in),
           out_dt,
-          lambda p=spec.path, sel=sel, n=spec.n_in: _ours_to_hf(fetch(p)[sel], n),
+          lambda p=spec.path, sel=sel, n=spec.n_in: _ours_to_hf(fetch(p, sel), n),
         )
       )
   for name, (p, n_in) in _mtp_copies(cfg).items():

@@ -1,4 +1,12 @@
-"""The decoder stack (dense / MoE layers), multi-token-prediction modules, and forward with a cache."""
+"""The decoder stack (dense / MoE layers), multi-token-prediction modules, and forward with a cache.
+
+The stack is stored and run by layer groups (`ModelConfig.layer_groups`: DeepSeek-V3's dense-first layers, then
+its MoE layers; a dense model has one group). A group is one `DecoderLayer` whose every parameter carries a
+leading "layers" axis (never split by the sharding rules), and it runs as one `lax.scan` over that axis, so the
+compiled program holds one layer body per group whatever the depth (MaxText's `scan_layers`); with
+`cfg.scan_layers=False` the same stacked parameters run through an unrolled Python loop (one body per layer:
+compile time grows with depth; same numbers). The cache follows the groups: `{group: {name: [L, B, S, ...]}}`.
+The MTP modules stay separate modules (one each)."""
 
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ class Output(NamedTuple):
   logits_BTV: jax.Array  # float32
   hidden_BTD: jax.Array  # last hidden state after the final norm
   cache: Any  # updated cache (None without one)
-  routing: tuple[Routing, ...]  # one per MoE layer (main stack), in layer order
+  routing: Routing | None  # the main stack's MoE layers, stacked: [L_moe, B, T, ...] (None for dense models)
   mtp_logits: tuple[jax.Array, ...]  # depth k predicts token t+k+1 at position t (last k+1 invalid)
   mtp_routing: tuple[Routing, ...]
 
@@ -68,7 +76,10 @@ class Transformer(nnx.Module):
     cfg.validate()
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-    self.layers = nnx.List([DecoderLayer(cfg, cfg.is_moe_layer(i), rngs) for i in range(cfg.num_hidden_layers)])
+    # Layers are initialised one by one (the random streams of an unstacked stack), then stacked per group.
+    layers = [DecoderLayer(cfg, cfg.is_moe_layer(i), rngs) for i in range(cfg.num_hidden_layers)]
+    for name, idx in cfg.layer_groups():
+      setattr(self, name, stack_modules([layers[i] for i in idx]))
     self.norm = RMSNorm(cfg.hidden_size, cfg, rngs)
     if not cfg.tie_word_embeddings:
       self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -115,16 +126,16 @@ class Transformer(nnx.Module):
     (zig-zag, below) on a mesh that splits T; the cache comes back in slot order. Without it a cached call
     (decode: T new tokens at any positions) attends over the whole cache with a dense mask.
 
-    `segment_ids_BT` keeps packed documents apart; `replay_experts` (one [B, T, K] per MoE layer) forces
-    the routing chosen at sampling time; `mtp` also runs the multi-token-prediction modules;
-    `last_only` computes logits for the last position only (prefill); `remat` recomputes each block's
-    activations in the backward pass instead of storing them (training memory for compute).
-    Without a cache (or in a prefill) on a mesh that splits T over "sequence" (n shards, 2n dividing T), the main
-    stack runs on the row in zig-zag order (models/attention.py); outputs come back in the original order. MoE capacity
-    dispatch (moe_capacity_factor set) ranks tokens in the order it sees them, so what overflows can differ
-    from sequence=1; dropless (the default) is exact."""
+    `segment_ids_BT` keeps packed documents apart; `replay_experts` [B, T, L_moe, K] (the sampler's layout)
+    forces the routing chosen at sampling time in the main stack's MoE layers; `mtp` also runs the
+    multi-token-prediction modules; `last_only` computes logits for the last position only (prefill); `remat`
+    recomputes each block's activations in the backward pass instead of storing them (training memory for
+    compute). Without a cache (or in a prefill) on a mesh that splits T over "sequence" (n shards, 2n dividing T),
+    the main stack runs on the row in zig-zag order (models/attention.py); outputs come back in the original
+    order. MoE capacity dispatch (moe_capacity_factor set) ranks tokens in the order it sees them, so what
+    overflows can differ from sequence=1; dropless (the default) is exact."""
     B, T = tokens_BT.shape
-    cache_len = None if cache is None else cache[0][next(iter(cache[0]))].shape[1]
+    cache_len = None if cache is None else cache_length(cache)
     if prefill:
       if cache is None:
         raise ValueError("forward(prefill=True) needs a cache (model.init_cache) to write the prompt into")
@@ -148,23 +159,23 @@ class Transformer(nnx.Module):
       seg_p = None if segment_ids_BT is None else segment_ids_BT[:, perm]
       mask = Causal(seg_p, jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (B, T)))
       tokens_BT, positions_BT = tokens_BT[:, perm], positions_BT[:, perm]
-      replay_experts = None if replay_experts is None else [r[:, perm] for r in replay_experts]
+      replay_experts = None if replay_experts is None else replay_experts[:, perm]
     x = self.embed_tokens(tokens_BT)
-    new_cache, routing = [], []
-    moe_i = 0
-    call = _remat_layer if remat else _call_layer
-    for i, layer in enumerate(self.layers):
+    new_cache, routing = {}, None
+    for name, _ in self.cfg.layer_groups():
+      stack = getattr(self, name)
       replay = None
-      if layer.is_moe and replay_experts is not None:
-        replay, moe_i = replay_experts[moe_i], moe_i + 1
-      x, c, r = call(layer, x, positions_BT, mask, None if cache is None else cache[i], replay)
-      new_cache.append(c)
-      if r is not None:
-        routing.append(r)
+      if stack.is_moe and replay_experts is not None:
+        replay = jnp.moveaxis(replay_experts, 2, 0).astype(jnp.int32)  # [L, B, T, K]: the scan's axis first
+      layer_cache = None if cache is None else cache[name]
+      x, (new_cache[name], r) = run_layers(
+        stack, x, positions_BT, mask, layer_cache, replay, remat=remat, scan=self.cfg.scan_layers
+      )
+      routing = r if r is not None else routing
     if perm is not None:  # back to the original order
       inv = np.argsort(perm)
       x, tokens_BT, positions_BT = x[:, inv], tokens_BT[:, inv], positions_BT[:, inv]
-      routing = [Routing(*(a[:, inv] for a in r)) for r in routing]
+      routing = None if routing is None else Routing(*(a[:, :, inv] for a in routing))
     h = constrain(self.norm(x), ACT_BTD)
     logits = self.head(h[:, -1:] if last_only else h)
     mtp_logits, mtp_routing = [], []
@@ -177,24 +188,65 @@ class Transformer(nnx.Module):
         mtp_logits.append(self.head(module.head_norm(hk)))
         if r is not None:
           mtp_routing.append(r)
-    return Output(
-      logits, h, None if cache is None else new_cache, tuple(routing), tuple(mtp_logits), tuple(mtp_routing)
-    )
+    return Output(logits, h, None if cache is None else new_cache, routing, tuple(mtp_logits), tuple(mtp_routing))
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Decoder layer i as a module of its own: a read-only view over its slice of the stacked parameters."""
+    for name, idx in self.cfg.layer_groups():
+      if i in idx:
+        graphdef, state = nnx.split(getattr(self, name))
+        return nnx.merge(graphdef, jax.tree.map(lambda a, j=i - idx.start: a[j], state))
+    raise IndexError(f"layer {i} of a {self.cfg.num_hidden_layers}-layer model")
 
   def init_cache(self, batch: int, length: int, dtype=None):
-    """A zeroed cache for `batch` rows of `length` slots (MLA: kv_lora + rope numbers a token a layer)."""
+    """A zeroed cache for `batch` rows of `length` slots, per layer group: {group: {name: [L, B, S, ...]}} (MLA:
+    kv_lora + rope numbers a token a layer)."""
     dtype = dtype or self.dtype
-    return [layer.attn.init_cache(batch, length, dtype) for layer in self.layers]
+    out = {}
+    for name, idx in self.cfg.layer_groups():
+      one = getattr(self, name).attn.init_cache(batch, length, dtype)
+      out[name] = {k: jnp.zeros((len(idx),) + a.shape, a.dtype) for k, a in one.items()}
+    return out
 
 
-def _call_layer(layer, x, positions, mask, cache, replay):
-  return layer(x, positions, mask, cache, replay)
+def cache_length(cache) -> int:
+  """Slots S of a stacked cache (every leaf [L, B, S, ...])."""
+  return jax.tree.leaves(cache)[0].shape[2]
 
 
-def _remat_layer(layer, *args):
-  """jax.checkpoint over a functional view of the layer (forward never writes module state)."""
-  graphdef, state = nnx.split(layer)
-  return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+  """One module of the modules' common structure whose every Variable holds their values stacked on a new
+  leading axis, named "layers" in its logical axes (the sharding rules never split it)."""
+  graphdef = nnx.split(modules[0])[0]
+  flats = [dict(nnx.to_flat_state(nnx.state(m))) for m in modules]
+  out = {}
+  for path, v in flats[0].items():
+    axes = v.get_metadata().get("axes")
+    value = jnp.stack([f[path].get_value() for f in flats])
+    out[path] = v.replace(value, axes=None if axes is None else ("layers", *axes))
+  return nnx.merge(graphdef, nnx.from_flat_state(out))
+
+
+def run_layers(stack: DecoderLayer, x, positions, mask, cache, replay, *, remat: bool, scan: bool):
+  """x through a group's layers (parameters, `cache` and `replay` all stacked on axis 0) -> (x, (cache, routing)),
+  cache and routing stacked the same way (None where absent): one `lax.scan` body, or unrolled (`scan=False`).
+  `remat`: each layer's activations are recomputed in the backward pass instead of stored."""
+  graphdef, state = nnx.split(stack)
+
+  def body(x, xs):
+    st, c, rep = xs
+    y, c, r = nnx.merge(graphdef, st)(x, positions, mask, c, rep)
+    return y, (c, None if r is None else Routing(*r))
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=not scan)  # a scan's iterations never CSE the recomputation away
+  if scan:
+    return jax.lax.scan(body, x, (state, cache, replay))
+  ys = []
+  for i in range(jax.tree.leaves(state)[0].shape[0]):
+    x, y = body(x, jax.tree.map(lambda a, i=i: a[i], (state, cache, replay)))
+    ys.append(y)
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from rl_jax import models
+from rl_jax.models import layout
 from rl_jax.models.config import ModelConfig
 from rl_jax.models.config import from_dict as model_from_dict
 from rl_jax.models.configlib import ConfigError, to_dict
@@ -154,13 +155,40 @@ def load_model(
     mngr.close()
     raise CheckpointNotFound(f"{directory}: no saved step (interrupted before the first save?)")
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    restored = restore_items(mngr, step, {"params": target})
   except Exception as e:  # orbax raises many types; name the culprit in one line
     raise CheckpointUnreadable(mngr, step, e) from None
   finally:
     mngr.close()
   nnx.replace_by_pure_dict(abs_state, restored["params"])
   return nnx.merge(graphdef, abs_state)
+
+
+def restore_items(mngr: ocp.CheckpointManager, step: int, targets: dict[str, Any]) -> dict[str, Any]:
+  """Restores the items named by `targets` (item -> abstract tree of ShapeDtypeStructs with shardings). A
+  checkpoint written before scanned layers (one subtree per decoder layer under "layers") is read in its own
+  layout, each layer onto its slice of the target sharding, then stacked into the targets' layout."""
+  groups = layout.groups_of(targets["params"])
+  meta = mngr.item_metadata(step)
+  legacy = bool(groups) and layout.is_legacy(meta["params"].keys())
+  args = {k: layout.unstack(t, groups, _layer_target) if legacy else t for k, t in targets.items()}
+  r = mngr.restore(step, args=ocp.args.Composite(**{k: ocp.args.StandardRestore(v) for k, v in args.items()}))
+  if not legacy:
+    return {k: r[k] for k in targets}
+  out = {}
+  for k, t in targets.items():  # matched by key path: nnx.State and dict nest differently after a round trip
+    got = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(layout.stack(r[k], groups))}
+    place = lambda p, a, got=got: jax.device_put(got[jax.tree_util.keystr(p)], a.sharding)
+    out[k] = jax.tree_util.tree_map_with_path(place, t)
+  return out
+
+
+def _layer_target(a: jax.ShapeDtypeStruct, j: int) -> jax.ShapeDtypeStruct:
+  """The abstract target of one layer's slice of a stacked leaf: the layers axis (never split) dropped."""
+  sh = a.sharding
+  if isinstance(sh, jax.sharding.NamedSharding):
+    sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+  return jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sh)
 
 
 class CheckpointUnreadable(ValueError):
@@ -265,14 +293,9 @@ def restore_train(mngr: ocp.CheckpointManager, step: int, abstract_state, shardi
   ref_abs = getattr(abstract_state, "ref", None)
   if ref_abs is not None:
     train_abs["ref"], train_sh["ref"] = ref_abs.to_pure_dict(), shardings.ref.to_pure_dict()
+  targets = {"params": target(full_abs.to_pure_dict(), full_sh.to_pure_dict()), "train": target(train_abs, train_sh)}
   try:
-    r = mngr.restore(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target(full_abs.to_pure_dict(), full_sh.to_pure_dict())),
-        train=ocp.args.StandardRestore(target(train_abs, train_sh)),
-      ),
-    )
+    r = restore_items(mngr, step, targets)
   except Exception as e:
     raise CheckpointUnreadable(mngr, step, e) from None
   nnx.replace_by_pure_dict(full_abs, r["params"])

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from rl_jax import sampling as S
+from rl_jax.models.transformer import cache_length
 from rl_jax.sharding.rules import constrain, current_rules, resolve_rules, shard_count, use_rules
 
 
@@ -79,12 +80,12 @@ class _Slots(NamedTuple):
   prompt_len: jax.Array  # int32 [S]
   key: jax.Array  # uint32 [S, ...]: the data of fold_in(key(seed), global row index)
   max_new: jax.Array  # int32 [S]
-  cache: Any  # per-layer cache [S, P + N, ...]
+  cache: Any  # {layer group: {name: [L, S, P + N, ...]}}
 
 
 def _constrain_slots(s: _Slots) -> _Slots:
   c = lambda x: None if x is None else constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-  return _Slots(*(c(x) for x in s[:-1]), cache=S._constrain_cache(s.cache))
+  return _Slots(*(c(x) for x in s[:-1]), cache=S.constrain_cache(s.cache))
 
 
 def _finished(s: _Slots):
@@ -113,7 +114,7 @@ def _empty(model, slots: int, P: int, N: int) -> _Slots:
   """All slots free."""
   zi = lambda *shape: jnp.zeros(shape, jnp.int32)
   ex = pex = None
-  n_moe = sum(layer.is_moe for layer in model.layers)
+  n_moe = model.cfg.n_moe_layers
   if n_moe:
     K = model.cfg.num_experts_per_tok
     ex, pex = zi(slots, N, n_moe, K), zi(slots, P, n_moe, K)
@@ -129,7 +130,7 @@ def _prefill(model, s: _Slots, prompts_UP, plen_U, src_R, row_R, max_new_R, slot
   P, N = prompts_UP.shape[1], s.tokens.shape[1]
   R = src_R.shape[0]
   prompts_UP = constrain(prompts_UP, ("act_batch", None))
-  cache_U = S._constrain_cache(model.init_cache(prompts_UP.shape[0], P))
+  cache_U = S.constrain_cache(model.init_cache(prompts_UP.shape[0], P))
   # positions 0..P-1: the training attention path (blockwise, sequence-parallel on a `sequence` mesh)
   out = model.forward(prompts_UP, cache=cache_U, last_only=True, prefill=True)
   h_UD = jnp.take_along_axis(out.hidden_BTD, (plen_U - 1)[:, None, None], axis=1)[:, 0]

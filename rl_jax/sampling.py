@@ -97,26 +97,29 @@ def _token_logprob(logits_BV, tok_B):
   return jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32), -1), tok_B[:, None], -1)[:, 0]
 
 
-def _stack_experts(routing):
-  """Routing per MoE layer [B, T, K] -> [B, T, L, K] int32 (None for dense models)."""
-  if not routing:
+def stack_experts(routing):
+  """A forward's stacked routing [L, B, T, K] -> the experts [B, T, L, K] int32 (None for dense models)."""
+  if routing is None:
     return None
-  return jnp.stack([r.experts_TK for r in routing], axis=2).astype(jnp.int32)
+  return jnp.moveaxis(routing.experts_TK, 0, 2).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ sharding and streaming
-# Logical axes of the cache leaves (models/attention.py layouts). The MLA latent is shared by all heads,
-# so only its batch dim is split; a GQA cache also splits its kv heads (over "tensor" by default).
+# Logical axes of the cache leaves (models/attention.py layouts, stacked per layer group by models/transformer.py).
+# The MLA latent is shared by all heads, so only its batch dim is split; a GQA cache also splits its kv heads
+# (over "tensor" by default); the layers axis never.
 CACHE_AXES = {
-  "c": ("act_batch", "act_seq", None),
-  "k_pe": ("act_batch", "act_seq", None),
-  "k": ("act_batch", "act_seq", "act_kv_heads", None),
-  "v": ("act_batch", "act_seq", "act_kv_heads", None),
+  "c": ("layers", "act_batch", "act_seq", None),
+  "k_pe": ("layers", "act_batch", "act_seq", None),
+  "k": ("layers", "act_batch", "act_seq", "act_kv_heads", None),
+  "v": ("layers", "act_batch", "act_seq", "act_kv_heads", None),
 }
+CACHE_BATCH_AXIS = 1  # every cache leaf is [L, B, S, ...]
 
 
-def _constrain_cache(cache):
-  return [{name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()} for layer in cache]
+def constrain_cache(cache):
+  """The cache {group: {name: [L, B, S, ...]}} constrained to its logical axes (a no-op without a mesh)."""
+  return {g: {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()} for g, layer in cache.items()}
 
 
 def _constrain_state(s: _State) -> _State:
@@ -126,7 +129,7 @@ def _constrain_state(s: _State) -> _State:
     logprobs=c(s.logprobs, None),
     lengths=c(s.lengths),
     done=c(s.done),
-    cache=_constrain_cache(s.cache),
+    cache=constrain_cache(s.cache),
     experts=None if s.experts is None else c(s.experts, None, None, None),
   )
 
@@ -158,15 +161,15 @@ def prefill(model, prompts_BP, prompt_len_B, cache_len: int, group: int = 1):
     first_U = jnp.minimum(jnp.arange(group_rows(B, group)) * group, B - 1)
     prompts_BP, prompt_len_B = constrain(prompts_BP[first_U], ("act_batch", None)), prompt_len_B[first_U]
   U = prompts_BP.shape[0]
-  cache = _constrain_cache(model.init_cache(U, cache_len))
+  cache = constrain_cache(model.init_cache(U, cache_len))
   out = model.forward(prompts_BP, cache=cache, last_only=True, prefill=True)  # positions 0..P-1
   h_UD = jnp.take_along_axis(out.hidden_BTD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_UV = model.head(h_UD[:, None])[:, 0]
-  experts = _stack_experts(out.routing)
+  experts = stack_experts(out.routing)
   if group == 1:
     return logits_UV, out.cache, experts
   take = lambda x: x[src_B]
-  cache = _constrain_cache(jax.tree.map(take, out.cache))
+  cache = constrain_cache(jax.tree.map(lambda x: jnp.take(x, src_B, axis=CACHE_BATCH_AXIS), out.cache))
   return take(logits_UV), cache, None if experts is None else take(experts)
 
 
@@ -242,7 +245,7 @@ def _generate_device(
     experts = s.experts
     if experts is not None:
       fed_B = s.lengths >= t
-      step_experts = _stack_experts(out.routing)[:, 0]  # [B, L, K]
+      step_experts = stack_experts(out.routing)[:, 0]  # [B, L, K]
       old = experts[:, t - 1]
       experts = experts.at[:, t - 1].set(jnp.where(fed_B[:, None, None], step_experts, old))
     tok_B, lp_B, active_B = select(out.logits_BTV[:, 0], t, s.done)

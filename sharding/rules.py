@@ -37,6 +37,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   "kv_lora": ("fsdp", "expert"),
   "head_dim": None,
   "norm": None,
+  # The stacked-layers axis of a scanned layer group (models/transformer.py): never split, so each scan
+  # iteration reads its own layer's full shards; splitting it would gather a layer per step.
+  "layers": None,
   # ACTIVATIONS: the batch is split over every axis that holds whole tokens. Outside MoE layers the
   # expert axis is just more data parallelism; inside them the expert-parallel dispatch sends tokens to
   # their experts by all-to-all. The residual stream's model dim stays whole on each device (as in

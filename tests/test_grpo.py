@@ -190,7 +190,7 @@ def run(mesh):
 ref_m, ref_p, _ = run(make_mesh(devices=jax.devices()[:1]))
 for sizes in (dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=4, tensor=2)):
   m, p, state = run(make_mesh(**sizes))
-  gate = state.params["layers"][1]["mlp"]["gate"].get_value()
+  gate = state.params["moe_layers"]["mlp"]["gate"].get_value()
   assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape != gate.shape
   for a, b in zip(ref_m, m):
     for k in ("loss", "grad_norm", "kl_ref", "entropy", "is_weight_mean", "clip_frac"):

@@ -106,10 +106,10 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
   json.dump(cfg, open(out / "config.json", "w"))
   model = models.load_hf(str(out), dtype=jnp.float32)
   np.testing.assert_array_equal(
-    np.asarray(model.layers[1].attn.kv_b[...]).reshape(16, -1).T, deq["model.layers.1.self_attn.kv_b_proj.weight"]
+    np.asarray(model.layer(1).attn.kv_b[...]).reshape(16, -1).T, deq["model.layers.1.self_attn.kv_b_proj.weight"]
   )
   np.testing.assert_array_equal(
-    np.asarray(model.layers[2].mlp.down[...][5]).T, deq["model.layers.2.mlp.experts.5.down_proj.weight"]
+    np.asarray(model.layer(2).mlp.down[...][5]).T, deq["model.layers.2.mlp.experts.5.down_proj.weight"]
   )
 
 

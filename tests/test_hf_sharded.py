@@ -26,14 +26,14 @@ SCRIPT = textwrap.dedent("""
     mesh = make_mesh(**shape)
     with jax.set_mesh(mesh):                       # "with a mesh active": no mesh argument needed
       m = models.load_hf(path, dtype=jnp.float32)
-    experts = m.layers[1].mlp.gate[...]
-    q_b = m.layers[0].attn.q_b[...]
+    experts = m.moe_layers.mlp.gate[...]  # [L_moe, E, D, I]
+    q_b = m.dense_layers.attn.q_b[...]  # [L_dense, q_lora, H, head_dim]
     local = {d: s.data.shape for d, s in zip(range(8), experts.addressable_shards)}
     assert experts.sharding.mesh.shape == mesh.shape
     if shape.get("expert"):
-      assert experts.addressable_shards[0].data.shape[0] == 2, local     # 8 experts over 4 expert shards
+      assert experts.addressable_shards[0].data.shape[1] == 2, local     # 8 experts over 4 expert shards
     else:
-      assert q_b.addressable_shards[0].data.shape[1] == 2, q_b.sharding   # 4 heads over tensor=2
+      assert q_b.addressable_shards[0].data.shape[2] == 2, q_b.sharding   # 4 heads over tensor=2
     with jax.set_mesh(mesh):
       out = np.asarray(jax.jit(lambda x: m(x))(ids))
     assert np.abs(out - ref).max() < 1e-5, np.abs(out - ref).max()

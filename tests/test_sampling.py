@@ -78,8 +78,8 @@ def flat(name):
 @functools.partial(jax.jit, static_argnums=0)
 def _ref_forward(graphdef, state, tokens_BL):
   out = nnx.merge(graphdef, state).forward(tokens_BL)
-  experts = tuple(r.experts_TK for r in out.routing)
-  return jax.nn.log_softmax(out.logits_BTV, -1), (jnp.stack(experts, 2) if experts else None)
+  experts = None if out.routing is None else jnp.moveaxis(out.routing.experts_TK, 0, 2)  # [B, T, L, K]
+  return jax.nn.log_softmax(out.logits_BTV, -1), experts
 
 
 def ref_forward(model, seqs):

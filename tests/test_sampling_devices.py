@@ -35,7 +35,8 @@ for name, cfg in (("mla_moe", MLA_CFG), ("gqa", GQA_CFG)):
   want = sampling.generate(one, PROMPTS, max_new_tokens=T, temperature=0.0)
   want_s = sampling.generate(one, PROMPTS, max_new_tokens=T, temperature=1.0, seed=4, num_samples=2)
   model = sharding.create_sharded(lambda: sharpen(Transformer(cfg, nnx.Rngs(params=1))), mesh)
-  assert model.layers[0].attn.o[...].sharding.spec == P("tensor", None, "fsdp")
+  first_group = getattr(model, cfg.layer_groups()[0][0])  # [L, heads, head_dim, embed]
+  assert first_group.attn.o[...].sharding.spec == P(None, "tensor", None, "fsdp")
   with jax.set_mesh(mesh):
     got = sampling.generate(model, PROMPTS, max_new_tokens=T, temperature=0.0)
     got_s = sampling.generate(model, PROMPTS, max_new_tokens=T, temperature=1.0, seed=4, num_samples=2)

@@ -215,13 +215,15 @@ ref = build(cfg, seed=3)
 ref_gd, ref_state = nnx.split(ref)
 ref_logits = np.asarray(forward(ref_gd)(ref_state, tokens))
 
-for sizes, gate_spec, gate_shard in [(dict(data=2, fsdp=2, tensor=2), P(None, "fsdp", "tensor"), (8, 32, 16)),
-                                     (dict(data=2, fsdp=1, expert=4), P("expert", None, None), (2, 64, 32))]:
+# the MoE layers' gate [L_moe=2, E=8, D=64, I=32]: the stacked layers axis is never split
+for sizes, gate_spec, gate_shard in [
+    (dict(data=2, fsdp=2, tensor=2), P(None, None, "fsdp", "tensor"), (2, 8, 32, 16)),
+    (dict(data=2, fsdp=1, expert=4), P(None, "expert", None, None), (2, 2, 64, 32))]:
   mesh = make_mesh(**sizes)
   model = create_sharded(lambda: Transformer(cfg, nnx.Rngs(params=3)), mesh)
   gd, state = nnx.split(model)
   # BORN SHARDED, same values as the single-device build
-  gate = model.layers[1].mlp.gate[...]
+  gate = model.moe_layers.mlp.gate[...]
   assert gate.sharding.spec == gate_spec, (sizes, gate.sharding.spec)
   assert gate.addressable_shards[0].data.shape == gate_shard, gate.addressable_shards[0].data.shape
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref_state)):

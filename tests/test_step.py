@@ -28,7 +28,8 @@ def _flops_from_shapes(cfg: ModelConfig, seq_len: int, mtp: bool) -> float:
   flat = nnx.to_flat_state(nnx.state(models.abstract(cfg), nnx.Param))
   for path, var in flat:
     shape = var.get_value().shape
-    if path[0] == "embed" or len(shape) < 2 or (path[0] == "mtp" and not mtp):
+    axes = [a for a in var.get_metadata().get("axes") or () if a != "layers"]  # a layer group's stacked axis
+    if path[0] == "embed" or len(axes) < 2 or (path[0] == "mtp" and not mtp):
       continue  # the lookup, norm scales, MTP modules that do not run
     size = int(np.prod(shape))
     routed = "expert" in (var.get_metadata().get("axes") or ())  # [E, ., .]: a token meets its top-k only
@@ -71,7 +72,7 @@ def _loads(graphdef, state, host, cfg, A):
     out = nnx.merge(graphdef, params, bias).forward(
       tokens, positions_BT=positions, segment_ids_BT=segment_ids, mtp=True
     )
-    return [r.experts_TK for r in out.routing + out.mtp_routing]
+    return list(out.routing.experts_TK) + [r.experts_TK for r in out.mtp_routing]
 
   micro, loads = ST.to_micro(host, A), 0
   for a in range(A):
@@ -115,7 +116,7 @@ def _one_step(mtp_lambda: float):
   return before, _bias(state), loads
 
 
-MAIN, MTP = ("layers", 1, "mlp", "bias"), ("mtp", 0, "block", "mlp", "bias")
+MAIN, MTP = ("moe_layers", "mlp", "bias"), ("mtp", 0, "block", "mlp", "bias")  # MAIN: [L_moe=1, E]
 
 
 def save_steps(path):

@@ -101,7 +101,7 @@ def test_checkpoint_holds_data_state_and_router_bias(runs):
     bias = [np.asarray(b) for b in jax.tree.leaves(nnx.state(model, RouterBias).to_pure_dict())]
     assert len(bias) == 2, bias
     for b in bias:
-      assert b.shape == (8,) and np.all(np.isfinite(b)) and np.abs(b).max() > 0, b
+      assert b.shape in ((1, 8), (8,)) and np.all(np.isfinite(b)) and np.abs(b).max() > 0, b  # stacked main
 
 
 # LEARNING

@@ -64,7 +64,7 @@ for sizes in (dict(data=2, fsdp=2, tensor=2), dict(data=2, fsdp=1, expert=4)):
   state, shardings, metrics = train(mesh, adamw, 3)
   print(sizes, metrics)
   # sharded for real: the MoE layer's gate and the embedding are split across devices
-  gate = state.params["layers"][1]["mlp"]["gate"].get_value()
+  gate = state.params["moe_layers"]["mlp"]["gate"].get_value()
   assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape != gate.shape, gate.sharding
   # AdamW cancels a constant gradient scale, so the losses and parameters alone would not see one: the
   # gradient norm and one SGD step's parameter change (minus the gradient) must match one device too.

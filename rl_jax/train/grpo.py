@@ -42,9 +42,7 @@ def uses_ref(g: GRPOConfig) -> bool:
 def token_logp(graphdef, params, bias, batch, *, temperature: float, replay: bool, remat: bool = False):
   """(log p(target), entropy) [N, T] under logits / temperature, and the forward's routing."""
   model = nnx.merge(graphdef, params, bias)
-  experts = None
-  if replay and "experts" in batch:
-    experts = [batch["experts"][:, :, i] for i in range(batch["experts"].shape[2])]
+  experts = batch["experts"] if replay and "experts" in batch else None  # [N, T, L_moe, K]
   out = model.forward(batch["tokens"], positions_BT=batch["positions"], replay_experts=experts, remat=remat)
   logp, entropy = losses.chunked_token_logprobs(model.head, out.hidden_BTD, batch["targets"], temperature=temperature)
   return logp, entropy, out.routing
@@ -91,14 +89,15 @@ def _old_from_this_forward(mb, current, routing, g: GRPOConfig, n_experts: int):
     w = jnp.minimum(jnp.exp(current - sampler), g.tis_cap) * mask
     mb = {**mb, "old": current, "is_weight": w}
     extra["is_weight_mean"] = _masked_mean(w, mask)
-  if routing and n_experts:
+  if routing is not None and n_experts:
     extra["load_imbalance"] = _imbalance(routing, mask, n_experts)
   return mb, extra
 
 
 def _imbalance(routing, mask, n_experts: int):
-  """Expert load max / mean per MoE layer (1 = balanced), averaged over layers."""
-  load = jnp.stack([losses.expert_load(jax.lax.stop_gradient(r.experts_TK), mask, n_experts) for r in routing])
+  """Expert load max / mean per MoE layer (1 = balanced), averaged over layers (routing stacked [L, N, T, K])."""
+  experts = jax.lax.stop_gradient(routing.experts_TK)
+  load = jax.vmap(losses.expert_load, in_axes=(0, None, None))(experts, mask, n_experts)
   return (load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)).mean()
 
 
@@ -198,7 +197,7 @@ def make_grpo_step(graphdef, g: GRPOConfig, train: TrainConfig, tx, lr_schedule=
     m.update(stats, param_norm=optax.global_norm(params))
     if lr_schedule is not None:
       m["lr"] = jnp.asarray(lr_schedule(state.step * g.epochs * M), jnp.float32)
-    if routing and n_experts:
+    if routing is not None and n_experts:
       m["load_imbalance"] = _imbalance(routing, batch["mask"], n_experts)
     if ref is not None and "kl_ref" not in m:  # on-policy: the loss's own KL is the policy's KL to its reference
       m["kl_ref"] = m["kl"]

@@ -68,7 +68,9 @@ def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   p_sh = srules.param_shardings(abstract_state.params, mesh)
   b_sh = srules.param_shardings(abstract_state.bias, mesh)
-  opt_sh = srules.param_shardings(abstract_state.opt_state, mesh)
+  # Full structure (each moment Variable holding its sharding), as jit shardings and restore targets expect.
+  as_leaf = lambda sh, leaf: leaf.replace(sh) if isinstance(leaf, nnx.Variable) else sh
+  opt_sh = jax.tree.map(as_leaf, srules.param_shardings(abstract_state.opt_state, mesh), abstract_state.opt_state)
   return TrainState(replicated, p_sh, b_sh, opt_sh, None if abstract_state.ref is None else p_sh)
 
 

@@ -8,6 +8,7 @@ gamma * sign(mean load - load), the load summed over the whole global batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -34,11 +35,25 @@ def runs_mtp(cfg: ModelConfig, train: TrainConfig) -> bool:
 
 
 def bias_paths(cfg: ModelConfig, *, mtp: bool) -> list[tuple]:
-  """Paths of the router biases whose routing runs, in routing order: main MoE layers, then (with `mtp`)
-  the MTP blocks."""
-  main = [("layers", i, "mlp", "bias") for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+  """Paths of the router biases whose routing runs, in routing order: the main stack's MoE layers (one bias
+  [L_moe, E], stacked like their layers), then (with `mtp`) each MTP block's [E]."""
+  main = [("moe_layers", "mlp", "bias")] if cfg.n_moe_layers else []
   n_mtp = cfg.num_nextn_predict_layers if mtp and cfg.n_routed_experts else 0
   return main + [("mtp", k, "block", "mlp", "bias") for k in range(n_mtp)]
+
+
+def routing_terms(out, mask, n_experts: int):
+  """(sum of the sequence-wise balance losses, expert loads [R, E]) over every routing a forward ran: the main
+  stack's MoE layers (stacked [L, B, T, ...]: one vmap) then each MTP block, in `bias_paths` order."""
+  bal, loads = jnp.zeros(()), []
+  if out.routing is not None:
+    r = out.routing
+    bal = bal + jax.vmap(losses.balance_loss, in_axes=(0, 0, None))(r.scores_TE, r.experts_TK, mask).sum()
+    loads.append(jax.vmap(losses.expert_load, in_axes=(0, None, None))(r.experts_TK, mask, n_experts))
+  for r in out.mtp_routing:
+    bal = bal + losses.balance_loss(r.scores_TE, r.experts_TK, mask)
+    loads.append(losses.expert_load(r.experts_TK, mask, n_experts)[None])
+  return bal, (jnp.concatenate(loads) if loads else jnp.zeros((0, 1)))
 
 
 def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
@@ -56,15 +71,9 @@ def make_loss_fn(graphdef, cfg: ModelConfig, train: TrainConfig) -> Callable:
     mask = batch["loss_mask"]
     ce = losses.cross_entropy(out.logits_BTV, batch["targets"], mask)
     mtp = losses.mtp_loss(out.mtp_logits, batch["targets"], mask, batch["segment_ids"]) if use_mtp else 0.0
-    routing = out.routing + out.mtp_routing
-    bal = sum((losses.balance_loss(r.scores_TE, r.experts_TK, mask) for r in routing), jnp.zeros(()))
+    bal, load = routing_terms(out, mask, cfg.n_routed_experts)
     z = losses.z_loss(out.logits_BTV, mask) if train.z_loss > 0 else 0.0
     loss = ce + train.mtp_lambda * mtp + train.balance_alpha * bal + train.z_loss * z
-    load = (
-      jnp.stack([losses.expert_load(r.experts_TK, mask, cfg.n_routed_experts) for r in routing])
-      if routing
-      else jnp.zeros((0, 1))
-    )
     metrics = {
       "loss": loss,
       "ce": ce,
@@ -150,14 +159,19 @@ def keep_if(ok, new, old):
 
 
 def _update_bias(bias, paths, load, gamma):
-  """Moves each listed router bias by its own row of `load` (one row per routing that ran)."""
-  if load.shape[0] != len(paths):  # a mismatch would index out of range, which jnp clamps silently
-    raise ValueError(f"router loads for {load.shape[0]} routings but {len(paths)} router biases to update")
+  """Moves each listed router bias by its own rows of `load` (a stacked bias [L, E] takes the next L rows)."""
+  flat = dict(nnx.to_flat_state(jax.tree.map(lambda x: x, bias)))  # a copy: the old bias is kept if skipped
+  rows = [math.prod(flat[p].get_value().shape[:-1]) for p in paths]
+  if load.shape[0] != sum(rows):  # a mismatch would index out of range, which jnp clamps silently
+    raise ValueError(f"router loads for {load.shape[0]} routings but {sum(rows)} router biases to update")
   if not paths or gamma <= 0:
     return bias
-  flat = dict(nnx.to_flat_state(jax.tree.map(lambda x: x, bias)))  # a copy: the old bias is kept if skipped
-  for i, p in enumerate(paths):
-    flat[p].set_value(losses.bias_update(flat[p].get_value(), load[i], gamma))
+  start = 0
+  for p, n in zip(paths, rows):
+    b = flat[p].get_value()
+    moved = jax.vmap(lambda b_E, l_E: losses.bias_update(b_E, l_E, gamma))(b.reshape(n, -1), load[start : start + n])
+    flat[p].set_value(moved.reshape(b.shape))
+    start += n
   return nnx.from_flat_state(flat)
 
 
