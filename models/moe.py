@@ -5,10 +5,13 @@ share one bucketing routine (`to_buckets` / `from_buckets`: rank each (token, k)
 bucket in token order, keep the first C, weighted scatter-add back). Costs per layer, T tokens, K experts
 a token, hidden D, expert width I:
   * dropless (`moe_capacity_factor: null`, default; what V3 trained with): the T*K assignments sorted by
-    expert, then `jax.lax.ragged_dot`, a grouped GEMM of 3 * T*K * D * I multiply-adds on GPU/TPU. On
-    CPU, XLA lowers ragged_dot to a masked dense product (E times that), so there `dispatch_buckets` runs
-    instead: the capacity dispatch with C the smallest power of two holding the busiest expert
-    (picked at run time, nothing drops).
+    expert, then a grouped GEMM of 3 * T*K * D * I multiply-adds (`grouped_matmul`): `jax.lax.ragged_dot` on
+    GPU; on TPU the Pallas grouped matmul (megablox gmm, and tgmm for the weight gradient), because XLA:TPU
+    computes ragged_dot's weight gradient as a masked product over every expert, E times the work (`rl-jax plan`
+    shows it). On a CPU target XLA lowers ragged_dot to a masked dense product (E times the work) forward too, so
+    there `dispatch_buckets` runs instead: the capacity dispatch with C the smallest power of two holding the
+    busiest expert (picked at run time, nothing drops). The target is the ambient mesh's platform
+    (`sharding.mesh.target_platform`): a TPU program compiled ahead of time on a CPU host is the TPU path.
   * capacity (`moe_capacity_factor: cf`): buckets = experts, C = ceil(cf * T*K / E) rows each (overflow
     rows contribute zero), then one batched matmul: 3 * E*C * D * I = 3 * cf * T*K * D * I on every backend.
   * gather: when T*K <= E (decoding a handful of rows) each assignment gathers its expert's weights
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ..sharding.mesh import target_platform
 from ..sharding.rules import logical_to_spec, mesh_axes
 from .config import ModelConfig
 from .layers import DTYPES, MLP, RouterBias, param
@@ -81,9 +85,32 @@ def swiglu(x, gate, up, down, matmul: Callable = jnp.matmul):
   return matmul(jax.nn.silu(matmul(x, gate)) * matmul(x, up), down)
 
 
+def grouped_matmul(x_RD, w_EDI, sizes_E, *, interpret: bool = False):
+  """Rows sorted by group, `sizes_E` rows each, times their group's matrix: [R, I] (rows past the sizes' sum: 0 on
+  TPU, undefined elsewhere). On a TPU target (or `interpret`: the same kernel interpreted, for tests) the Pallas
+  megablox gmm, whose VJP computes the weight gradient group by group (tgmm); else `jax.lax.ragged_dot`."""
+  if target_platform() != "tpu" and not interpret:
+    return jax.lax.ragged_dot(x_RD, w_EDI, sizes_E)
+  from jax.experimental.pallas.ops.tpu.megablox import ops
+
+  (R, D), N = x_RD.shape, w_EDI.shape[-1]
+  tm = min(128, 1 << max(3, (R - 1).bit_length()))  # row tile: 128, or the rows rounded up to a power of two
+  # Padding rows belong to no group (never computed); a width under 128 (tiny models) is zero-padded up to one
+  # 128 tile, since the tiles serve the backward's transposed product too.
+  pd, pn = max(0, 128 - D), max(0, 128 - N)
+  x = jnp.pad(x_RD, ((0, -R % tm), (0, pd)))
+  w = jnp.pad(w_EDI, ((0, 0), (0, pd), (0, pn)))
+  # The kernel leaves rows outside every group (and their input gradient) unwritten: zeros in and out, so that
+  # neither the values nor the gradients of those rows are ever garbage.
+  in_group = (jnp.arange(x.shape[0]) < sizes_E.sum())[:, None]
+  sizes = sizes_E.astype(jnp.int32)
+  out = ops.gmm(jnp.where(in_group, x, 0), w, sizes, x_RD.dtype, (tm, 128, 128), None, None, False, interpret)
+  return jnp.where(in_group, out, 0)[:R, :N]
+
+
 def _ragged_swiglu(xs_RD, sizes_E, gate_EDI, up_EDI, down_EID):
   """SwiGLU of rows sorted by expert, `sizes_E` rows each (rows past their sum: undefined)."""
-  return swiglu(xs_RD, gate_EDI, up_EDI, down_EID, lambda a, w: jax.lax.ragged_dot(a, w, sizes_E))
+  return swiglu(xs_RD, gate_EDI, up_EDI, down_EID, lambda a, w: grouped_matmul(a, w, sizes_E))
 
 
 def _sort(keys_R, n: int):
@@ -258,6 +285,28 @@ def dispatch_expert_parallel(
   return y, Routing(*r)
 
 
+def dispatch_local(x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int):
+  """Dropless without expert parallelism, device by device: one shard_map in which each device routes its own
+  tokens (split like the activations' rows) and runs `dispatch_dropless` on them with the whole expert weights
+  (gathered from their FSDP shards on the way in, the usual ZeRO-3 gather; their gradients summed on the way
+  back). For TPU targets, whose grouped-matmul kernel XLA cannot partition by itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  tok = P(mesh_axes(TOKEN_AXES, mesh=mesh, size=x_TD.shape[0]) or None, None)
+  has_replay = replay_TK is not None
+  replay = replay_TK if has_replay else jnp.zeros((x_TD.shape[0], k), jnp.int32)
+
+  def body(x, logits, bias, rep, g, u, d):
+    r = route_fn(logits, bias, rep if has_replay else None)
+    return dispatch_dropless(x, r, g, u, d), tuple(r)
+
+  w = P(None, None, None)
+  fn = jax.shard_map(
+    body, mesh=mesh, check_vma=False, in_specs=(tok, tok, P(None), tok, w, w, w), out_specs=(tok, (tok, tok, tok))
+  )
+  y, r = fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
+  return y, Routing(*r)
+
+
 # ------------------------------------------------------------------ the layer
 class MoE(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -298,9 +347,17 @@ class MoE(nnx.Module):
       return dispatch_gather(x_TD, r, *weights)
     if cfg.moe_capacity_factor is not None:
       return dispatch_capacity(x_TD, r, *weights, cfg.moe_capacity_factor)
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
       return dispatch_buckets(x_TD, r, *weights)
     return dispatch_dropless(x_TD, r, *weights)
+
+  def _kernel_needs_shard_map(self, T: int) -> bool:
+    """Dropless on a TPU target under a multi-device mesh: the grouped-matmul kernel (a Mosaic call) cannot be
+    partitioned by XLA, so each device runs it on its own tokens (`dispatch_local`)."""
+    cfg, mesh = self.cfg, jax.sharding.get_abstract_mesh()
+    few_rows = T * cfg.num_experts_per_tok <= cfg.n_routed_experts
+    multi = not mesh.empty and math.prod(s for a, s in mesh.shape.items() if a not in (mesh.manual_axes or ())) > 1
+    return cfg.moe_capacity_factor is None and not few_rows and multi and target_platform() == "tpu"
 
   def __call__(self, x_BTD, experts_BTK=None):
     """Returns (y, routing); `experts_BTK` replays a given routing (weights recomputed from the scores)."""
@@ -315,6 +372,8 @@ class MoE(nnx.Module):
       y, r = dispatch_expert_parallel(
         x_TD, logits, self.bias[...], replay, self._route, *weights, k=k, capacity_factor=cf
       )
+    elif self._kernel_needs_shard_map(B * T):
+      y, r = dispatch_local(x_TD, logits, self.bias[...], replay, self._route, *weights, k=cfg.num_experts_per_tok)
     else:
       r = self._route(logits, self.bias[...], replay)
       y = self._dispatch(x_TD, r, *weights)

@@ -110,7 +110,24 @@ def maybe_initialize_distributed(mesh_cfg=None) -> bool:
   return False
 
 
-__all__ = ["AXES", "SEQUENCE", "make_mesh", "mesh_from_config", "mesh_shape", "maybe_initialize_distributed"]
+__all__ = [
+  "AXES",
+  "SEQUENCE",
+  "make_mesh",
+  "mesh_from_config",
+  "mesh_shape",
+  "maybe_initialize_distributed",
+  "target_platform",
+]
+
+
+def target_platform() -> str:
+  """The platform the program being traced will run on: that of the mesh set with `jax.set_mesh` (compile-only TPU
+  devices when `rl-jax plan` compiles for a TPU on a CPU host), else jax's default backend. Code that picks a
+  kernel by platform asks this, never jax.default_backend(), so what is compiled for a target is what runs there."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def active_mesh():

@@ -51,7 +51,8 @@ def test_absorbed_mla_equals_naive():
     cache = o.cache
     steps.append(np.asarray(o.logits_BTV))
   np.testing.assert_allclose(np.concatenate(steps, axis=1), naive, atol=1e-5, rtol=0)
-  assert cache[0]["c"].shape == (2, 32, TINY_DS.kv_lora_rank) and cache[0]["k_pe"].shape == (2, 32, 8)
+  first = cache["dense_layers"]  # stacked over the group's layers: [L, B, S, ...]
+  assert first["c"].shape == (1, 2, 32, TINY_DS.kv_lora_rank) and first["k_pe"].shape == (1, 2, 32, 8)
 
 
 @pytest.mark.parametrize("cfg", [TINY_DS, TINY_LLAMA], ids=["deepseek_v3", "llama"])
@@ -172,7 +173,7 @@ def test_routing_replay_reproduces_the_forward():
   model = models.build(TINY_DS, seed=4)
   ids = _ids()
   out = model.forward(ids)
-  replay = [r.experts_TK for r in out.routing]
+  replay = jnp.moveaxis(out.routing.experts_TK, 0, 2)  # [L, B, T, K] -> the sampler's [B, T, L, K]
   again = model.forward(ids, replay_experts=replay)
   np.testing.assert_allclose(np.asarray(again.logits_BTV), np.asarray(out.logits_BTV), atol=1e-6)
 
@@ -181,7 +182,7 @@ def test_mtp_outputs():
   model = models.build(TINY_DS, seed=0)
   out = model.forward(_ids(), mtp=True)
   assert len(out.mtp_logits) == 1 and out.mtp_logits[0].shape == (2, 24, 256)
-  assert len(out.routing) == 2 and out.routing[0].experts_TK.shape == (2, 24, 2)
+  assert out.routing.experts_TK.shape == (2, 2, 24, 2)  # [L_moe, B, T, K]
 
 
 def test_671b_preset_eval_shape_counts():
@@ -263,3 +264,26 @@ def test_from_hf_reads_legacy_rope_scaling():
   from rl_jax.models.rope import softmax_scale
 
   assert abs(softmax_scale(preset("deepseek-v3-671b")) - 0.1352338) < 1e-6  # 192^-0.5 * (0.1 ln 40 + 1)^2
+
+
+def test_tpu_grouped_matmul_matches_ragged_dot():
+  """The TPU path of the dropless experts (megablox gmm / tgmm, interpreted here on the CPU) computes what
+  ragged_dot does, values and both gradients, with rows outside every group (the expert-parallel buffer's empty
+  slots) zero and gradient-free."""
+  from rl_jax.models.moe import grouped_matmul
+
+  k = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(k[0], (50, 64)), jax.random.normal(k[1], (4, 64, 32))
+  sizes = jnp.array([10, 0, 25, 11], jnp.int32)  # 46 of the 50 rows
+  ct = jax.random.normal(k[2], (50, 32))
+
+  def loss(x, w, interpret):
+    y = grouped_matmul(x, w, sizes, interpret=interpret) if interpret else jax.lax.ragged_dot(x, w, sizes)
+    return (y[:46] * ct[:46]).sum(), y
+
+  (_, y_tpu), g_tpu = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, True)
+  (_, y_ref), g_ref = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w, False)
+  np.testing.assert_allclose(np.asarray(y_tpu[:46]), np.asarray(y_ref[:46]), rtol=1e-5, atol=1e-4)
+  assert not np.asarray(y_tpu[46:]).any() and not np.asarray(g_tpu[0][46:]).any()
+  for a, b in zip(g_tpu, g_ref):
+    np.testing.assert_allclose(np.asarray(a)[:46], np.asarray(b)[:46], rtol=1e-5, atol=1e-4)
