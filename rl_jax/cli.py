@@ -340,6 +340,34 @@ def cmd_bench(args) -> None:
     )
 
 
+def cmd_plan(args) -> None:
+  """AOT-compiles a stage for a TPU target on this host (libtpu) and prints what each chip needs."""
+  from rl_jax.sharding.topology import aot_environment
+
+  aot_environment()  # before jax starts a backend: the CPU one, whatever libtpu would try on this host
+  import json
+
+  from rl_jax import plan, plan_search
+  from rl_jax.sharding import topology
+
+  if args.stage not in plan.STAGES:
+    raise ValueError(f"unknown stage {args.stage!r}: one of {', '.join(plan.STAGES)}")
+  run = _run_config(args)
+  target = topology.target(args.topology, args.slices)  # a one-line error for a name libtpu cannot build
+  log = lambda line: print(line, file=sys.stderr, flush=True)
+  if args.search:
+    result = plan_search.search(run, args.stage, target, top=args.top, log=log)
+    print(plan_search.format_search(result))
+  else:
+    plan.target_mesh(run, target)  # a one-line error for a mesh that cannot map onto the torus, before any work
+    log(f"rl-jax plan: {args.stage} on {target.topology}" + (f" x {target.slices} slices" if target.slices > 1 else ""))
+    result = plan.plan(run, args.stage, target=target, log=log)
+    print(plan.format_plan(result))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2, default=float)
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="rl-jax", description=__doc__.splitlines()[0])
@@ -460,6 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("quickstart", help="the tiny R1-Zero: pretrain, eval, GRPO, eval on the CPU in minutes")
   p.add_argument("--run-dir", help="default: runs/r1_zero_tiny")
   p.set_defaults(fn=cmd_pipeline)
+
+  p = sub.add_parser(
+    "plan", help="what a stage needs on a TPU slice, by ahead-of-time compilation here (libtpu): bytes, FLOPs, bound"
+  )
+  p.add_argument("--config", help="run config: a YAML path or a shipped name (its model, mesh, batch shapes)")
+  p.add_argument("--stage", default="pretrain", help="pretrain, extend, sft, distill, grpo, train-rm or sample")
+  p.add_argument("--topology", required=True, help="TPU target: v5e:2x2, v5p:4x4x4, v6e:4x4, tpu7x:2x2x1, v5p-128, ...")
+  p.add_argument("--slices", type=int, default=1, help="multi-slice: copies of the topology over DCN (on mesh.data)")
+  p.add_argument("--search", action="store_true", help="try the mesh shapes, remat and grad_accum that map; rank them")
+  p.add_argument("--top", type=int, default=4, help="--search: candidates compiled (each can take minutes)")
+  p.add_argument("--json", help="also write the result as one JSON object to this file")
+  p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. mesh.fsdp=16 mesh.expert=4")
+  p.set_defaults(fn=cmd_plan, run_dir=None, init=None)
 
   p = sub.add_parser(
     "bench", help="benchmarks: train (MFU), sample (tokens/s), rollout (engine vs static), spec (MTP speculative)"

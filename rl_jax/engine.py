@@ -142,15 +142,12 @@ def _prefill(model, s: _Slots, prompts_UP, plen_U, src_R, row_R, max_new_R, slot
   lengths = active.astype(jnp.int32)
   put = lambda a, b: a.at[slot_R].set(b, mode="drop")
   # Slots P.. keep stale entries: a row at position p only attends to slots <= p, all written by then.
-  cache = [
-    {k: a.at[slot_R, :P].set(new[k][src_R], mode="drop") for k, a in old.items()}
-    for old, new in zip(s.cache, out.cache)
-  ]
+  cache = jax.tree.map(lambda a, new: a.at[:, slot_R, :P].set(new[:, src_R], mode="drop"), s.cache, out.cache)
   ex, pex = s.experts, s.prompt_experts
   if ex is not None:
     in_prompt = jnp.arange(P)[None, :, None, None] < plen_R[:, None, None, None]
     ex = put(ex, jnp.zeros((R,) + ex.shape[1:], jnp.int32))
-    pex = put(pex, jnp.where(in_prompt, S._stack_experts(out.routing)[src_R], 0))
+    pex = put(pex, jnp.where(in_prompt, S.stack_experts(out.routing)[src_R], 0))
   return _constrain_slots(
     _Slots(
       t=put(s.t, zeros + 1),
@@ -175,13 +172,13 @@ def _step(model, s: _Slots, eos_id, cfg) -> _Slots:
   live = s.busy & ~_finished(s)
   idx = jnp.arange(n_slots)
   prev = s.tokens[idx, jnp.maximum(s.t - 1, 0)]
-  cache_len = s.cache[0][next(iter(s.cache[0]))].shape[1]
+  cache_len = cache_length(s.cache)
   pos = jnp.minimum(s.prompt_len + s.t - 1, cache_len - 1)  # idle slots write somewhere harmless
   out = model.forward(prev[:, None], positions_BT=pos[:, None], cache=s.cache)
   experts = s.experts
   if experts is not None:  # a live row's token t-1 is always a sampled one (lengths >= t): record its routing
     at = jnp.where(live, s.t - 1, N)
-    experts = experts.at[idx, at].set(S._stack_experts(out.routing)[:, 0], mode="drop")
+    experts = experts.at[idx, at].set(S.stack_experts(out.routing)[:, 0], mode="drop")
   tok, lp, active = _select(out.logits_BTV[:, 0], s.t, s.key, live, s.done, s.max_new, cfg)
   lengths = s.lengths + active
   col = jnp.where(active, s.t, N)  # only sampled tokens are written (N: dropped)
@@ -220,8 +217,10 @@ def _decode(model, s: _Slots, eos_id, chunk, want, cfg):
 _COMPILED: dict[tuple, Any] = {}
 
 
-def _programs(graphdef, slots: int, P: int, N: int, cfg: tuple, rules: Mapping | None):
-  """(empty, prefill, decode) jitted for one engine shape; built once per key, then reused."""
+def programs(graphdef, slots: int, P: int, N: int, cfg: tuple, rules: Mapping | None = None):
+  """(empty, prefill, decode) jitted for one engine shape (P, N: the padded prompt and budget buckets; cfg:
+  (temperature, top_k, top_p, logprob_temperature)); built once per key, then reused. `rl_jax.plan` compiles
+  them for a target ahead of time."""
   table = current_rules() if rules is None else resolve_rules(rules)
   key = (graphdef, slots, P, N, cfg, tuple(sorted(table.items())))
   if key not in _COMPILED:
@@ -275,7 +274,7 @@ class Engine:
     self.refill_at = refill_at or max(1, slots // 8)  # refill once this many slots are free (or all done)
     cfg = (float(temperature), int(top_k), float(top_p), float(logprob_temperature))
     self.graphdef, self.state = nnx.split(model)
-    self._empty, self._prefill, self._decode = _programs(self.graphdef, slots, self.P, self.N, cfg, rules)
+    self._empty, self._prefill, self._decode = programs(self.graphdef, slots, self.P, self.N, cfg, rules)
     self._seed, self._eos = jnp.uint32(seed), jnp.int32(-1 if eos_id is None else eos_id)
     self._pending: collections.deque = collections.deque()
     self._slot_rows: list[tuple | None] = [None] * slots
