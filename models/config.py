@@ -374,7 +374,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped YAML (rl_jax/configs when installed)
 PRESET_DIR = CONFIG_DIR / "models"
-_SHIPPED = {"model": (PRESET_DIR, ("*.yaml",)), "run": (CONFIG_DIR, ("*.yaml", "pipelines/*.yaml"))}
+_SHIPPED = {"model": (PRESET_DIR, ("*.yaml",)), "run": (CONFIG_DIR, ("*.yaml", "pipelines/*.yaml", "plan/*.yaml"))}
 
 
 def shipped_names(kind: Literal["model", "run"] = "run") -> list[str]:

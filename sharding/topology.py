@@ -35,20 +35,23 @@ class Chip:
   devices_per_chip: int = 1
 
 
-def _chip(name: str, hbm_gib: int, bf16_tflops: float, hbm_gbps: float, ici_gbps: float, devices: int = 1) -> Chip:
-  return Chip(name, hbm_gib * 2**30 // devices, bf16_tflops * 1e12 / devices, hbm_gbps * 1e9 / devices,
+def _chip(name: str, hbm_gib: float, bf16_tflops: float, hbm_gbps: float, ici_gbps: float, devices: int = 1) -> Chip:
+  """A chip's figures split over its devices, but for `hbm_gib`, already a device's."""
+  return Chip(name, int(hbm_gib * 2**30), bf16_tflops * 1e12 / devices, hbm_gbps * 1e9 / devices,
               ici_gbps * 1e9 / devices, devices)  # fmt: skip
 
 
-# Per chip: HBM GiB, bf16 TFLOP/s, HBM GB/s, bidirectional ICI GB/s, jax devices. Sources: cloud.google.com/tpu/docs/
-# v4, v5e, v5p, v6e and tpu7x (2307 bf16 / 4614 FP8 TFLOP/s, 7380 GB/s). v4's ICI is not on its page: 6 links x
-# 400 Gb/s each way (TPU v4 paper, ISCA 2023). libtpu's compile-only v4 has no megacore: a device per TensorCore.
+# Per chip: bf16 TFLOP/s, HBM GB/s, bidirectional ICI GB/s, jax devices. Sources: cloud.google.com/tpu/docs/ v4, v5e,
+# v5p, v6e and tpu7x (2307 bf16 / 4614 FP8 TFLOP/s, 7380 GB/s). v4's ICI is not on its page: 6 links x 400 Gb/s each
+# way (TPU v4 paper, ISCA 2023). libtpu's compile-only v4 has no megacore: a device per TensorCore.
+# HBM per DEVICE as libtpu 0.0.42 reports it available to a program (its out-of-memory message; the chips' nominal
+# 16 / 16 / 95 / 32 / 192 GiB less the runtime's reserve, tpu7x and v4 per TensorCore): what a plan must fit in.
 CHIPS: dict[str, Chip] = {
-  "v4": _chip("v4", 32, 275, 1200, 600, devices=2),
-  "v5e": _chip("v5e", 16, 197, 819, 400),
-  "v5p": _chip("v5p", 95, 459, 2765, 1200),
-  "v6e": _chip("v6e", 32, 918, 1640, 800),
-  "tpu7x": _chip("tpu7x", 192, 2307, 7380, 1200, devices=2),
+  "v4": _chip("v4", 15.25, 275, 1200, 600, devices=2),
+  "v5e": _chip("v5e", 15.75, 197, 819, 400),
+  "v5p": _chip("v5p", 95.74, 459, 2765, 1200),
+  "v6e": _chip("v6e", 31.25, 918, 1640, 800),
+  "tpu7x": _chip("tpu7x", 94.75, 2307, 7380, 1200, devices=2),
 }
 # family: (torus dims, whether slice names count TensorCores rather than chips, jax device_kind strings)
 _FAMILIES = {
@@ -145,6 +148,9 @@ def target(name: str, slices: int = 1) -> Target:
   chip = CHIPS[family]
   if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
     raise ValueError(f"compiling for {topology} needs libtpu: pip install 'rl-jax[tpu]' (Linux x86_64)")
+  # libtpu takes a host-wide lock (/tmp/libtpu_lockfile) when it loads, for the chips it would drive; compiling
+  # touches no chip, so two processes may compile at once (a plan beside the test suite)
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   kwargs = {"num_slices": slices} if slices > 1 else {}

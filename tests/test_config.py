@@ -381,7 +381,8 @@ def test_unknown_config_name_lists_shipped(tmp_path, monkeypatch, capsys):
   from rl_jax import cli
 
   monkeypatch.chdir(tmp_path)
-  stems = [p.stem for p in CONFIGS.glob("*.yaml")] + [f"pipelines/{p.stem}" for p in CONFIGS.glob("pipelines/*")]
+  stems = [p.stem for p in CONFIGS.glob("*.yaml")]
+  stems += [f"{d}/{p.stem}" for d in ("pipelines", "plan") for p in CONFIGS.glob(f"{d}/*.yaml")]
   shipped = ", ".join(sorted(stems))
   assert "extend_tiny" in shipped and "pretrain_tiny" in shipped
   msg = _err(C.load_run_config, "pretrain_tny")

@@ -48,7 +48,7 @@ def test_target_v5e():
   t = target("v5e:2x2")
   assert len(t.devices) == 4 and t.chip == CHIPS["v5e"] and t.topology == "v5e:2x2" and t.slices == 1
   assert {d.device_kind for d in t.devices} == {"TPU v5 lite"}
-  assert t.chip.hbm_bytes == 16 * 2**30 and t.chip.peak_bf16_flops == 197e12
+  assert t.chip.hbm_bytes == int(15.75 * 2**30) and t.chip.peak_bf16_flops == 197e12
 
 
 def test_target_slice_name():
@@ -57,7 +57,7 @@ def test_target_slice_name():
 
 
 def test_two_device_chips_split_the_chip():
-  assert CHIPS["tpu7x"].devices_per_chip == 2 and CHIPS["tpu7x"].hbm_bytes == 96 * 2**30
+  assert CHIPS["tpu7x"].devices_per_chip == 2 and CHIPS["tpu7x"].hbm_bytes == int(94.75 * 2**30)
   assert CHIPS["tpu7x"].peak_bf16_flops == 2307e12 / 2
 
 
