@@ -347,7 +347,7 @@ def cmd_plan(args) -> None:
   aot_environment()  # before jax starts a backend: the CPU one, whatever libtpu would try on this host
   import json
 
-  from rl_jax import plan, plan_search
+  from rl_jax import plan, plan_report, plan_search
   from rl_jax.sharding import topology
 
   if args.stage not in plan.STAGES:
@@ -357,12 +357,12 @@ def cmd_plan(args) -> None:
   log = lambda line: print(line, file=sys.stderr, flush=True)
   if args.search:
     result = plan_search.search(run, args.stage, target, top=args.top, log=log)
-    print(plan_search.format_search(result))
+    print(plan_report.format_search(result))
   else:
     plan.target_mesh(run, target)  # a one-line error for a mesh that cannot map onto the torus, before any work
     log(f"rl-jax plan: {args.stage} on {target.topology}" + (f" x {target.slices} slices" if target.slices > 1 else ""))
     result = plan.plan(run, args.stage, target=target, log=log)
-    print(plan.format_plan(result))
+    print(plan_report.format_plan(result))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2, default=float)

@@ -244,6 +244,22 @@ def stage_programs(run: RunConfig, stage: str, mesh) -> list[Program]:
   return train_programs(run, stage, mesh)
 
 
+def state_breakdown(p: Program) -> dict | None:
+  """Logical per-device bytes of a training program's state (its first argument): parameters (+ router bias),
+  optimizer moments, reference model, distillation teacher. XLA's argument bytes add TPU tile padding."""
+  from rl_jax.train.state import TrainState
+
+  st = p.args[0] if p.args else None
+  if not isinstance(st, TrainState):
+    return None
+  out = {"parameters": per_device_bytes((st.params, st.bias)), "optimizer": per_device_bytes(st.opt_state)}
+  if st.ref is not None:
+    out["reference"] = per_device_bytes(st.ref)
+  if p.name == "distill_step" and p.args[1]:
+    out["teacher"] = per_device_bytes(p.args[1])
+  return out
+
+
 # ------------------------------------------------------------------------------------------ compile and measure
 _OOM = [
   re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"),
@@ -260,6 +276,8 @@ def compile_program(p: Program, chip: topo.Chip) -> dict:
   runs out of HBM gives a row that does not fit, with XLA's numbers."""
   t0 = time.perf_counter()
   row: dict[str, Any] = {"program": p.name, "calls": p.calls}
+  if (state := state_breakdown(p)) is not None:
+    row["state"] = state
   try:
     compiled = p.fn.lower(*p.args).compile()
   except Exception as e:  # XLA raises JaxRuntimeError / XlaRuntimeError by version
@@ -349,6 +367,7 @@ def summarize(rows: list[dict], target: topo.Target, mesh, stage: str) -> dict:
       "total": b["total"],
     },
     "peak_program": peak["program"],
+    "state_per_device": next((r["state"] for r in rows if "state" in r), None),
     "flops_per_device": sum(r.get("flops", 0.0) * r["calls"] for r in rows) if compiled else None,
     "hbm_bytes_accessed_per_device": sum(r.get("hbm_bytes_accessed", 0.0) * r["calls"] for r in rows)
     if compiled
@@ -359,46 +378,3 @@ def summarize(rows: list[dict], target: topo.Target, mesh, stage: str) -> dict:
     "compile_s": sum(r["compile_s"] for r in rows),
     "programs": rows,
   }
-
-
-def _size(x: float) -> str:
-  return f"{x / GiB:.2f} GiB" if abs(x) >= GiB / 10 else f"{x / 2**20:.1f} MiB"
-
-
-def format_plan(p: dict) -> str:
-  """The plan as the table `rl-jax plan` prints."""
-  mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items() if v > 1) or "1 device"
-  where = p["topology"] + (f" x {p['slices']} slices" if p["slices"] > 1 else "")
-  lines = [
-    f"{p['stage']} on {where}: {p['devices']} devices ({p['chip']['name']}, {_size(p['hbm_bytes'])} HBM each), "
-    f"mesh {mesh}",
-    "| program | calls | arguments | temporaries | outputs | aliased | also resident | total / chip | fits "
-    "| TFLOP / chip | HBM GB / chip | bound s | compile s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for r in p["programs"]:
-    b = r["bytes"]
-    flops = f"{r['flops'] / 1e12:.3g}" if "flops" in r else "-"
-    acc = f"{r['hbm_bytes_accessed'] / 1e9:.3g}" if "flops" in r else "-"
-    bound = f"{r['bound_s']:.3g}" if "bound_s" in r else "-"
-    lines.append(
-      f"| {r['program']} | {r['calls']:g} | {_size(b['arguments'])} | {_size(b['temporaries'])} | {_size(b['outputs'])}"
-      f" | {_size(b['aliased'])} | {_size(b['resident'])} | {_size(b['total'])} | {'yes' if r['fits'] else 'NO'}"
-      f" | {flops} | {acc} | {bound} | {r['compile_s']:.1f} |"
-    )
-  verdict = "fits" if p["fits"] else f"does NOT fit (peak {_size(p['per_device_bytes']['total'])})"
-  lines.append(f"verdict: {verdict} in {_size(p['hbm_bytes'])} a chip; peak program {p['peak_program']}")
-  if p["step_time_lower_bound_s"] is not None:
-    mfu = p["mfu_upper_bound"]
-    lines.append(
-      f"step-time lower bound: {p['step_time_lower_bound_s']:.4g} s (a bound: max(FLOPs at "
-      f"{p['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, bytes touched at {p['chip']['hbm_bandwidth'] / 1e9:.0f} GB/s)"
-      f" per call); MFU at most {100 * mfu:.1f}%"
-    )
-  coll = ", ".join(f"{k} {c['count']} x = {_size(c['bytes'])}" for k, c in p["collectives"].items()) or "none"
-  lines.append(f"collectives per step and chip: {coll}")
-  for r in p["programs"]:
-    if not r["fits"] and "error" in r:
-      lines.append(f"{r['program']}: {r['error']}")
-  lines.append(f"compile time: {p['compile_s']:.1f} s")
-  return "\n".join(lines)

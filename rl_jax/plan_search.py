@@ -135,20 +135,3 @@ def search(run: RunConfig, stage: str, target: topo.Target | str, slices: int = 
 def describe(c: dict) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in c["mesh"].items() if v > 1) or "1 device"
   return f"{mesh}, remat={'on' if c['remat'] else 'off'}, grad_accum={c['grad_accum']}"
-
-
-def format_search(best: dict) -> str:
-  lines = [
-    f"search: {best['candidates_considered']} candidate(s) estimated to fit; compiled {len(best['search'])}, "
-    "fastest bound first",
-    "| candidate | estimated / chip | compiled total / chip | fits | bound s | MFU bound | compile s |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  for r in best["search"]:
-    bound, mfu = r["step_time_lower_bound_s"], r["mfu_upper_bound"]
-    lines.append(
-      f"| {r['candidate']} | {r['est_bytes'] / PL.GiB:.1f} GiB | {r['per_device_bytes']['total'] / PL.GiB:.1f} GiB"
-      f" | {'yes' if r['fits'] else 'NO'} | {'-' if bound is None else f'{bound:.4g}'}"
-      f" | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | {r['compile_s']:.0f} |"
-    )
-  return "\n".join(lines) + "\n\nbest:\n" + PL.format_plan(best)
