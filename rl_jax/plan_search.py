@@ -91,12 +91,24 @@ def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
         continue
       state = state_bytes(mcfg, shape, run.mesh.rules, copies=copies) if state is None else state
       for remat in (False, True) if stage != "sample" else (False,):
+        passes = 3 if remat else 2  # forward (+ its recomputation) and backward
         mem = state + activation_bytes(mcfg, shape, rows, accum, T, remat)
-        gather = state / copies * (shape["fsdp"] - 1) * accum * (3 if remat else 2) / chip.ici_bandwidth
-        est = flops * (4 / 3 if remat else 1) / (n * chip.peak_bf16_flops) + gather
+        # FSDP gathers each micro-batch's weights per pass; tensor parallelism all-reduces two activations a layer
+        gather = state / copies * (shape["fsdp"] * shape["expert"] - 1) * accum * passes
+        tokens = rows * T / (shape["data"] * shape["fsdp"] * shape["expert"] * shape.get("sequence", 1))
+        tp = 2 * mcfg.num_hidden_layers * passes * tokens * mcfg.hidden_size * 2 * (1 - 1 / shape["tensor"])
+        est = flops * (4 / 3 if remat else 1) / (n * chip.peak_bf16_flops) + (gather + tp) / chip.ici_bandwidth
         out.append({"mesh": shape, "remat": remat, "grad_accum": accum, "est_bytes": mem, "est_s": est})
-  fit = sorted((c for c in out if c["est_bytes"] <= chip.hbm_bytes), key=lambda c: (c["est_s"], c["est_bytes"]))
-  return fit or sorted(out, key=lambda c: c["est_bytes"])[:1]
+  # ties (tiny models) go to fewer, larger micro-batches without remat
+  rank = lambda c: (c["est_s"], c["grad_accum"], c["remat"], c["est_bytes"])
+  fit = sorted((c for c in out if c["est_bytes"] <= chip.hbm_bytes), key=rank)
+  # each mesh's best (remat, grad_accum) first, then the rest: a few compiles see as many meshes as they can
+  seen, first, rest = set(), [], []
+  for c in fit:
+    key = tuple(c["mesh"].items())
+    (rest if key in seen else first).append(c)
+    seen.add(key)
+  return first + rest or sorted(out, key=lambda c: c["est_bytes"])[:1]
 
 
 def with_candidate(run: RunConfig, c: dict, slices: int) -> RunConfig:
