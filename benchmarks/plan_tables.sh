@@ -21,7 +21,7 @@ run() {  # name, then the rl-jax plan arguments
   fi
 }
 
-want() { [ $# -eq 0 ] || [[ " $SELECTED " == *" $1 "* ]]; }
+want() { [ -z "$SELECTED" ] || [[ " $SELECTED " == *" $1 "* ]]; }
 SELECTED="$*"
 V3=(--config plan/v3_671b_pretrain)
 
@@ -32,13 +32,20 @@ want tiny_grpo && run tiny_grpo --config grpo_r1zero_tiny --stage grpo --topolog
 want v3_4l_scanned && run v3_4l_scanned "${V3[@]}" --topology v5p-256 model.num_hidden_layers=4
 want v3_4l_unrolled && run v3_4l_unrolled "${V3[@]}" --topology v5p-256 model.num_hidden_layers=4 model.scan_layers=false
 want v3_8l_unrolled && run v3_8l_unrolled "${V3[@]}" --topology v5p-256 model.num_hidden_layers=8 model.scan_layers=false
+# the first finding: 671B cut to 3 layers on v5p:4x4x4, fsdp=16 x expert=4 (AdamW moments were replicated)
+want v3_3l_v5p128 && run v3_3l_v5p128 "${V3[@]}" --topology v5p:4x4x4 model.num_hidden_layers=3 mesh.expert=4 \
+  train.batch_size=64
 # DeepSeek-V3 671B pretraining at 4096 tokens: the full model; --search on the smaller slice
 want v3_pretrain_v5p256 && run v3_pretrain_v5p256 "${V3[@]}" --topology v5p-256
+want v3_search_v5p256 && run v3_search_v5p256 "${V3[@]}" --topology v5p-256 --search --top 3
 want v3_search_v5p128 && run v3_search_v5p128 "${V3[@]}" --topology v5p-128 --search --top 2 train.batch_size=64
 # DeepSeek-V3 671B GRPO, the sampler colocated
 want v3_grpo_v5p256 && run v3_grpo_v5p256 --config plan/v3_671b_grpo --stage grpo --topology v5p-256
+want v3_grpo_v5p512 && run v3_grpo_v5p512 --config plan/v3_671b_grpo --stage grpo --topology v5p-512 mesh.fsdp=32
 # R1-Distill-Qwen-7B-shaped GRPO on 8 chips of v6e and v5e
 want qwen7b_grpo_v6e && run qwen7b_grpo_v6e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v6e:2x4
 want qwen7b_grpo_v5e && run qwen7b_grpo_v5e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v5e:2x4
+want qwen7b_grpo_v5e16 && run qwen7b_grpo_v5e16 --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v5e:4x4 \
+  mesh.fsdp=16
 # R1-Distill-Qwen-32B-shaped distillation SFT on v5p:4x4x4
 want qwen32b_sft_v5p && run qwen32b_sft_v5p --config plan/r1_distill_qwen_32b_sft --stage distill --topology v5p:4x4x4

@@ -166,8 +166,8 @@ def hf_expanded_per_token_layer(model) -> int:
 
 
 def ours_cache_per_token_layer(model) -> int:
-  cache = model.init_cache(1, 1)
-  return sum(int(x.size) for x in jax.tree.leaves(cache)) // len(cache)
+  cache = model.init_cache(1, 1)  # {layer group: {name: [L, 1, 1, ...]}}
+  return sum(int(x.size) for x in jax.tree.leaves(cache)) // model.cfg.num_hidden_layers
 
 
 # ------------------------------------------------------------------ timing

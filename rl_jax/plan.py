@@ -18,10 +18,12 @@ devices, on the run's mesh (`mesh.*`, laid onto the torus by sharding/topology.p
 Per program and chip: bytes from XLA's memory analysis (arguments, temporaries, outputs, aliased: donated
 buffers reused), the matmul FLOPs, HBM bytes and collectives of its HLO with loops counted as often as they run
 (rl_jax/hlo.py), and compile time. A failed compile that runs out of HBM is a "does not fit" row with XLA's numbers.
-The step-time lower bound adds, per program call, max(FLOPs / peak bf16 FLOP/s, bytes it must touch / HBM
-bandwidth), the bytes being its arguments and outputs (every parameter, moment and cache entry read or written at
-least once); a GRPO step calls the update once, the prefill once per wave of rows and the decode once a token.
-A bound, not a prediction: collectives, host time and imperfect overlap only add to it.
+The step-time lower bound adds, per program call, the largest of three times a chip cannot beat: its FLOPs at the
+peak bf16 rate, the bytes it must touch (its arguments and outputs: every parameter, moment and cache entry read or
+written once) at the HBM bandwidth, and its collectives' bytes at the chip's whole ICI bandwidth (every byte a
+collective delivers crosses a link at least once; links both ways counted as one pipe, so also optimistic). A
+GRPO step calls the update once, the prefill once per wave of rows and the decode once a token. A bound, not a
+prediction: host time, DCN between slices and imperfect overlap only add to it.
 """
 
 from __future__ import annotations
@@ -304,9 +306,15 @@ def compile_program(p: Program, chip: topo.Chip) -> dict:
   costs = hlo.analyse(compiled.as_text())
   flops = costs.flops - costs.grouped_flops * (1 - 1 / p.grouped_fill)
   touched = b["arguments"] + b["outputs"] - b["aliased"]
-  bound = max(flops / chip.peak_bf16_flops, touched / chip.hbm_bandwidth)
+  limits = {
+    "compute": flops / chip.peak_bf16_flops,
+    "hbm": touched / chip.hbm_bandwidth,
+    "ici": sum(c["bytes"] for c in costs.collectives.values()) / chip.ici_bandwidth,
+  }
+  bound = max(limits.values())
   row.update(bytes=b, fits=b["total"] <= chip.hbm_bytes, flops=flops, hbm_bytes_accessed=costs.bytes,
-             collectives=costs.collectives, unknown_loops=costs.unknown_loops, bound_s=bound,
+             collectives=costs.collectives, unknown_loops=costs.unknown_loops, bound_s=bound, limits_s=limits,
+             limited_by=max(limits, key=limits.get),
              model_flops=p.model_flops)  # fmt: skip
   return row
 

@@ -17,14 +17,14 @@ def format_plan(p: dict) -> str:
     f"{p['stage']} on {where}: {p['devices']} devices ({p['chip']['name']}, {_size(p['hbm_bytes'])} HBM each), "
     f"mesh {mesh}",
     "| program | calls | arguments | temporaries | outputs | aliased | also resident | total / chip | fits "
-    "| TFLOP / chip | HBM GB / chip | bound s | compile s |",
+    "| TFLOP / chip | HBM GB / chip | bound s (by) | compile s |",
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in p["programs"]:
     b = r["bytes"]
     flops = f"{r['flops'] / 1e12:.3g}" if "flops" in r else "-"
     acc = f"{r['hbm_bytes_accessed'] / 1e9:.3g}" if "flops" in r else "-"
-    bound = f"{r['bound_s']:.3g}" if "bound_s" in r else "-"
+    bound = f"{r['bound_s']:.3g} ({r['limited_by']})" if "bound_s" in r else "-"
     lines.append(
       f"| {r['program']} | {r['calls']:g} | {_size(b['arguments'])} | {_size(b['temporaries'])} | {_size(b['outputs'])}"
       f" | {_size(b['aliased'])} | {_size(b['resident'])} | {_size(b['total'])} | {'yes' if r['fits'] else 'NO'}"
@@ -37,10 +37,11 @@ def format_plan(p: dict) -> str:
   lines.append(f"verdict: {verdict} in {_size(p['hbm_bytes'])} a chip; peak program {p['peak_program']}")
   if p["step_time_lower_bound_s"] is not None:
     mfu = p["mfu_upper_bound"]
+    c = p["chip"]
     lines.append(
-      f"step-time lower bound: {p['step_time_lower_bound_s']:.4g} s (a bound: max(FLOPs at "
-      f"{p['chip']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, bytes touched at {p['chip']['hbm_bandwidth'] / 1e9:.0f} GB/s)"
-      f" per call); MFU at most {100 * mfu:.1f}%"
+      f"step-time lower bound: {p['step_time_lower_bound_s']:.4g} s, MFU at most {100 * mfu:.1f}% (a bound: per call the "
+      f"most of compute at {c['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, bytes touched at {c['hbm_bandwidth'] / 1e9:.0f} GB/s "
+      f"HBM, collectives at {c['ici_bandwidth'] / 1e9:.0f} GB/s ICI)"
     )
   coll = ", ".join(f"{k} {c['count']} x = {_size(c['bytes'])}" for k, c in p["collectives"].items()) or "none"
   lines.append(f"collectives per step and chip: {coll}")

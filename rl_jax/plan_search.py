@@ -44,15 +44,20 @@ def _valid(mcfg: ModelConfig, shape: dict, rows: int, accum: int, T: int) -> boo
   return heads % shape["tensor"] == 0 and (seq == 1 or T % (2 * seq) == 0)
 
 
-def state_bytes(mcfg: ModelConfig, shape: dict, rules, *, copies: float) -> float:
+def model_leaves(mcfg: ModelConfig) -> list:
+  """The model's parameters as (ShapeDtypeStruct, logical axes) pairs, built abstractly (once per search)."""
+  abstract = nnx.state(nnx.eval_shape(lambda: PL._build(mcfg)))
+  leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return [(v.get_value(), v.get_metadata().get("axes")) for v in leaves]
+
+
+def state_bytes(leaves: list, shape: dict, rules, *, copies: float) -> float:
   """Per-device bytes of `copies` model-sized trees (parameters, moments, reference) on a mesh of `shape`, each
-  leaf split as the rules split it (exact, from the parameters' logical axes; nothing compiled)."""
+  leaf (`model_leaves`) split as the rules split it (exact, from the logical axes; nothing compiled)."""
   names = tuple(shape)
   mesh = jax.sharding.AbstractMesh(tuple(shape.values()), names)
-  abstract = nnx.state(nnx.eval_shape(lambda: PL._build(mcfg)))
   total = 0.0
-  for v in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    a, axes = v.get_value(), v.get_metadata().get("axes")
+  for a, axes in leaves:
     spec = srules.logical_to_spec(axes, rules, mesh, a.shape) if axes else ()
     split = math.prod(math.prod(shape[n] for n in ((s,) if isinstance(s, str) else s)) for s in spec if s)
     total += a.size * jnp.dtype(a.dtype).itemsize / split
@@ -62,7 +67,9 @@ def state_bytes(mcfg: ModelConfig, shape: dict, rules, *, copies: float) -> floa
 def activation_bytes(mcfg: ModelConfig, shape: dict, rows: int, accum: int, T: int, remat: bool) -> float:
   """A coarse per-device count of what a micro-batch's backward keeps: per layer and token ~16 model-width numbers
   (attention and norms) plus the MLP's three intermediates (MoE: K routed + shared experts), 2 bytes each, split
-  over the tensor axis; with remat only each layer's input, plus one layer's worth; and the fp32 logits."""
+  over the tensor axis; with remat only each layer's input, plus one layer's worth; the fp32 logits; and the routed
+  experts' row buffers, ~6 live at a time, which expert parallelism makes n x the assignments when dropless (every
+  source may send all its rows to one shard; models/moe.py), capacity_factor x when capped."""
   tokens = rows // accum * T / (shape["data"] * shape["fsdp"] * shape["expert"] * shape.get("sequence", 1))
   D, tp = mcfg.hidden_size, shape["tensor"]
   moe_width = (mcfg.num_experts_per_tok + mcfg.n_shared_experts) * mcfg.moe_intermediate_size
@@ -70,7 +77,14 @@ def activation_bytes(mcfg: ModelConfig, shape: dict, rows: int, accum: int, T: i
   layer = tokens * (16 * D + 3 * width / tp) * 2
   L = mcfg.num_hidden_layers
   stored = (L * tokens * D * 2 + layer) if remat else L * layer
-  return stored + 2 * tokens * mcfg.vocab_size * 4 / tp
+  experts = 0.0
+  if mcfg.n_routed_experts:
+    n, cf = shape["expert"], mcfg.moe_capacity_factor
+    buffer = tokens * mcfg.num_experts_per_tok * D * 2 * (n if cf is None else max(cf, 1.0))
+    experts = 6 * buffer if remat else (3 * mcfg.n_moe_layers + 3) * buffer
+    if n == 1 and cf is None:  # no expert parallelism: each device gathers a layer's experts whole (and its grads)
+      experts += 2 * 3 * mcfg.n_routed_experts * D * mcfg.moe_intermediate_size * 2
+  return stored + 2 * tokens * mcfg.vocab_size * 4 / tp + experts
 
 
 def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
@@ -82,6 +96,7 @@ def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
   seq_ok = stage in TRAIN_STAGES and T >= 4096
   copies = {"grpo": 3.0 + (run.grpo.beta > 0), "sample": 1.0}.get(stage, 3.0)  # params + 2 moments (+ reference)
   flops = mcfg.flops_per_token(T, mtp=False) * rows * T
+  leaves = model_leaves(mcfg)
   out = []
   accums = [a for a in (1, 2, 4, 8, 16, 32) if rows % a == 0] if stage != "sample" else [1]
   for shape in topo.mesh_shapes(target, sequence=seq_ok):
@@ -89,15 +104,21 @@ def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
     for accum in accums:
       if not _valid(mcfg, shape, rows, accum, T):
         continue
-      state = state_bytes(mcfg, shape, run.mesh.rules, copies=copies) if state is None else state
+      state = state_bytes(leaves, shape, run.mesh.rules, copies=copies) if state is None else state
       for remat in (False, True) if stage != "sample" else (False,):
         passes = 3 if remat else 2  # forward (+ its recomputation) and backward
-        mem = state + activation_bytes(mcfg, shape, rows, accum, T, remat)
+        # + the gradients and the update's intermediates, ~3 parameter-sized trees
+        mem = state + 3 * state / copies + activation_bytes(mcfg, shape, rows, accum, T, remat)
         # FSDP gathers each micro-batch's weights per pass; tensor parallelism all-reduces two activations a layer
         gather = state / copies * (shape["fsdp"] * shape["expert"] - 1) * accum * passes
         tokens = rows * T / (shape["data"] * shape["fsdp"] * shape["expert"] * shape.get("sequence", 1))
         tp = 2 * mcfg.num_hidden_layers * passes * tokens * mcfg.hidden_size * 2 * (1 - 1 / shape["tensor"])
-        est = flops * (4 / 3 if remat else 1) / (n * chip.peak_bf16_flops) + (gather + tp) / chip.ici_bandwidth
+        # expert parallelism: each MoE layer and pass sends and receives its padded row buffer (n x the rows)
+        a2a = 0.0
+        if mcfg.n_routed_experts and shape["expert"] > 1:
+          rows_ep = tokens * mcfg.num_experts_per_tok * (shape["expert"] if mcfg.moe_capacity_factor is None else 1)
+          a2a = 2 * mcfg.n_moe_layers * passes * rows_ep * mcfg.hidden_size * 2
+        est = flops * (4 / 3 if remat else 1) / (n * chip.peak_bf16_flops) + (gather + tp + a2a) / chip.ici_bandwidth
         out.append({"mesh": shape, "remat": remat, "grad_accum": accum, "est_bytes": mem, "est_s": est})
   # ties (tiny models) go to fewer, larger micro-batches without remat
   rank = lambda c: (c["est_s"], c["grad_accum"], c["remat"], c["est_bytes"])
