@@ -41,11 +41,13 @@ want v3_search_v5p256 && run v3_search_v5p256 "${V3[@]}" --topology v5p-256 --se
 want v3_search_v5p128 && run v3_search_v5p128 "${V3[@]}" --topology v5p-128 --search --top 2 train.batch_size=64
 # DeepSeek-V3 671B GRPO, the sampler colocated
 want v3_grpo_v5p256 && run v3_grpo_v5p256 --config plan/v3_671b_grpo --stage grpo --topology v5p-256
-want v3_grpo_v5p512 && run v3_grpo_v5p512 --config plan/v3_671b_grpo --stage grpo --topology v5p-512 mesh.fsdp=32
+want v3_grpo_v5p512 && run v3_grpo_v5p512 --config plan/v3_671b_grpo --stage grpo --topology v5p-512 mesh.fsdp=32 train.grad_accum=1
+want v3_grpo_v5p256_seq4 && run v3_grpo_v5p256_seq4 --config plan/v3_671b_grpo --stage grpo --topology v5p-256 \
+  mesh.fsdp=4 mesh.sequence=4 train.grad_accum=8
 # R1-Distill-Qwen-7B-shaped GRPO on 8 chips of v6e and v5e
 want qwen7b_grpo_v6e && run qwen7b_grpo_v6e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v6e:2x4
 want qwen7b_grpo_v5e && run qwen7b_grpo_v5e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v5e:2x4
 want qwen7b_grpo_v5e16 && run qwen7b_grpo_v5e16 --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v5e:4x4 \
-  mesh.fsdp=16
+  mesh.fsdp=16 train.grad_accum=4
 # R1-Distill-Qwen-32B-shaped distillation SFT on v5p:4x4x4
 want qwen32b_sft_v5p && run qwen32b_sft_v5p --config plan/r1_distill_qwen_32b_sft --stage distill --topology v5p:4x4x4

@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rl_jax import engine, hlo, sampling
+from rl_jax import engine, hlo, models, sampling
 from rl_jax.config import RunConfig, model_config
 from rl_jax.models.config import ModelConfig, preset_dict
 from rl_jax.models.config import from_dict as model_from_dict
@@ -106,14 +106,13 @@ def _train_state(mcfg: ModelConfig, run: RunConfig, mesh, steps: int, ref: bool 
   return graphdef, tx, _abstract(abstract, shardings), shardings, S.schedule(run.optimizer, steps)
 
 
-def _rows(run: RunConfig, mesh, keys, sharding=None) -> dict:
+def _rows(run: RunConfig, mesh, keys) -> dict:
   """Batches [A, B/A, T] int32 as the pretraining-style steps take them."""
   from rl_jax.train import step as ST
 
   t = run.train
   A = t.grad_accum
-  sh = sharding or ST.batch_sharding(mesh)
-  return {k: _sds((A, t.batch_size // A, t.seq_len), jnp.int32, sh) for k in keys}
+  return {k: _sds((A, t.batch_size // A, t.seq_len), jnp.int32, ST.batch_sharding(mesh)) for k in keys}
 
 
 def _teacher_config(name: str, dtype: str) -> ModelConfig:
@@ -157,7 +156,7 @@ def train_programs(run: RunConfig, stage: str, mesh) -> list[Program]:
   if stage == "distill" and run.distill.teacher:
     d = run.distill
     teacher_cfg = _teacher_config(d.teacher, t.compute_dtype)
-    t_graph, t_params, t_bias = S.split_model(nnx.eval_shape(lambda: _build(teacher_cfg)))
+    t_graph, t_params, t_bias = S.split_model(models.abstract(teacher_cfg))
     frozen = tuple(_abstract(x, srules.param_shardings(x, mesh)) for x in (t_params, t_bias))
     fn = D.build_distill_step(graphdef, (t_graph, *frozen), d, t, tx, mesh, sh, lr)
     flops = mcfg.flops_per_token(t.seq_len, mtp=False) + teacher_cfg.flops_per_token(t.seq_len, mtp=False) / 3
@@ -166,12 +165,6 @@ def train_programs(run: RunConfig, stage: str, mesh) -> list[Program]:
   fn = ST.build_step(graphdef, mcfg, t, tx, mesh, sh, lr)
   flops = mcfg.flops_per_token(t.seq_len, mtp=ST.runs_mtp(mcfg, t)) * tokens
   return [Program("train_step", fn, (state, batch), model_flops=flops, grouped_fill=grouped_fill(mcfg, mesh))]
-
-
-def _build(cfg: ModelConfig):
-  from rl_jax import models
-
-  return models.Transformer(cfg, nnx.Rngs(params=0))
 
 
 def sampler_programs(run: RunConfig, mesh, params, mcfg: ModelConfig, resident: int = 0) -> list[Program]:
@@ -183,7 +176,7 @@ def sampler_programs(run: RunConfig, mesh, params, mcfg: ModelConfig, resident: 
   shards = max(1, srules.shard_count("act_batch", mesh=mesh))
   slots = g.rollout_slots or sampling.bucket(rows, shards)
   Pb, Nb = sampling.bucket(g.max_prompt_len), sampling.bucket(g.max_new_tokens)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: _build(mcfg)))
+  graphdef = nnx.graphdef(models.abstract(mcfg))
   cfg = (float(g.temperature), 0, float(g.top_p), float(g.temperature))
   empty, prefill, decode = engine.programs(graphdef, slots, Pb, Nb, cfg)
   out_sh = empty.lower(params).compile().output_shardings
@@ -232,7 +225,7 @@ def sample_programs(run: RunConfig, mesh) -> list[Program]:
   from rl_jax.train import state as S
 
   mcfg = S.train_model_config(model_config(run), run.train).replace(moe_capacity_factor=None)
-  abstract = nnx.state(nnx.eval_shape(lambda: _build(mcfg)))
+  abstract = nnx.state(models.abstract(mcfg))
   return sampler_programs(run, mesh, _abstract(abstract, srules.param_shardings(abstract, mesh)), mcfg)
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rl_jax import models
 from rl_jax import plan as PL
 from rl_jax.config import RunConfig, model_config
 from rl_jax.models.config import ModelConfig
@@ -26,10 +27,10 @@ TRAIN_STAGES = ("pretrain", "extend", "sft", "distill", "train-rm")
 
 
 def _rows_and_len(run: RunConfig, stage: str) -> tuple[int, int]:
-  """(rows per step, tokens a row) of the stage's update."""
+  """(rows per optimizer update, tokens a row) of the stage (GRPO: one of its grpo.minibatches)."""
   if stage in ("grpo", "sample"):
     g = run.grpo
-    return g.prompts_per_step * g.group_size, g.max_prompt_len + g.max_new_tokens
+    return g.prompts_per_step * g.group_size // g.minibatches, g.max_prompt_len + g.max_new_tokens
   return run.train.batch_size, run.train.seq_len
 
 
@@ -46,7 +47,7 @@ def _valid(mcfg: ModelConfig, shape: dict, rows: int, accum: int, T: int) -> boo
 
 def model_leaves(mcfg: ModelConfig) -> list:
   """The model's parameters as (ShapeDtypeStruct, logical axes) pairs, built abstractly (once per search)."""
-  abstract = nnx.state(nnx.eval_shape(lambda: PL._build(mcfg)))
+  abstract = nnx.state(models.abstract(mcfg))
   leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return [(v.get_value(), v.get_metadata().get("axes")) for v in leaves]
 
