@@ -250,61 +250,59 @@ def _ep_body(x_TD, r: Routing, gate_EDI, up_EDI, down_EID, *, axis: str, C: int,
   return jax.lax.psum(out, mlp_axes) if mlp_axes else out  # partial sums over moe_mlp slices
 
 
+def _per_device(x_TD, logits_TE, bias_E, replay_TK, route_fn, weights, *, k, tok, w_specs, dispatch):
+  """y [T, D] and Routing ([T, K], [T, K], [T, E]) from one shard_map over the active mesh in which `route_fn(logits,
+  bias, replay) -> Routing` runs on each device's own tokens (`tok`: how they split; router scores are never
+  gathered) and `dispatch(x, routing, *weights)` computes their experts' output."""
+  has_replay = replay_TK is not None
+  replay = replay_TK if has_replay else jnp.zeros((x_TD.shape[0], k), jnp.int32)
+
+  def body(x, logits, bias, rep, *w):
+    r = route_fn(logits, bias, rep if has_replay else None)
+    return dispatch(x, r, *w), tuple(r)
+
+  # check_vma=False: where tokens are copied over some axes the outputs are equal copies that the
+  # varying-axes checker cannot prove; shard_map's transpose then psums the cotangents of inputs over
+  # the axes they are replicated on (data-parallel gradient reduction).
+  fn = jax.shard_map(
+    body,
+    mesh=jax.sharding.get_abstract_mesh(),
+    check_vma=False,
+    in_specs=(tok, tok, P(None), tok, *w_specs),
+    out_specs=(tok, (tok, tok, tok)),
+  )
+  y, r = fn(x_TD, logits_TE, bias_E, replay, *weights)
+  return y, Routing(*r)
+
+
 def dispatch_expert_parallel(
   x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int, capacity_factor
 ):
-  """y [T, D] and Routing ([T, K], [T, K], [T, E]) with the experts split over `expert_axis()`: one
-  shard_map over the active mesh in which `route_fn(logits, bias, replay) -> Routing` runs on each
-  device's own tokens (router scores are never gathered), then `_ep_body`."""
+  """The experts split over `expert_axis()`: each device routes its own tokens, then `_ep_body`."""
   mesh = jax.sharding.get_abstract_mesh()
   axis = expert_axis()
   T = x_TD.shape[0]
   tok_axes, mlp_axes = ep_specs(mesh, axis, T, gate_EDI.shape)
   T_local = T // math.prod(mesh.shape[a] for a in tok_axes)
   C = ep_capacity(T_local, k, mesh.shape[axis], capacity_factor)
-  tok, mlp = P(tok_axes or None, None), mlp_axes or None
-  has_replay = replay_TK is not None
-  replay = replay_TK if has_replay else jnp.zeros((T, k), jnp.int32)
-
-  def body(x, logits, bias, rep, g, u, d):
-    r = route_fn(logits, bias, rep if has_replay else None)
-    return _ep_body(x, r, g, u, d, axis=axis, C=C, mlp_axes=mlp_axes), tuple(r)
-
-  # check_vma=False: where tokens are copied over some axes the outputs are equal copies that the
-  # varying-axes checker cannot prove; shard_map's transpose then psums the cotangents of inputs over
-  # the axes they are replicated on (data-parallel gradient reduction).
-  w_in, w_out = P(axis, None, mlp), P(axis, mlp, None)
-  fn = jax.shard_map(
-    body,
-    mesh=mesh,
-    check_vma=False,
-    in_specs=(tok, tok, P(None), tok, w_in, w_in, w_out),
-    out_specs=(tok, (tok, tok, tok)),
-  )
-  y, r = fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
-  return y, Routing(*r)
+  mlp = mlp_axes or None
+  dispatch = lambda x, r, g, u, d: _ep_body(x, r, g, u, d, axis=axis, C=C, mlp_axes=mlp_axes)
+  w_specs = (P(axis, None, mlp), P(axis, None, mlp), P(axis, mlp, None))
+  tok = P(tok_axes or None, None)
+  weights = (gate_EDI, up_EDI, down_EID)
+  return _per_device(x_TD, logits_TE, bias_E, replay_TK, route_fn, weights, k=k, tok=tok, w_specs=w_specs,
+                     dispatch=dispatch)  # fmt: skip
 
 
 def dispatch_local(x_TD, logits_TE, bias_E, replay_TK, route_fn, gate_EDI, up_EDI, down_EID, *, k: int):
-  """Dropless without expert parallelism, device by device: one shard_map in which each device routes its own
-  tokens (split like the activations' rows) and runs `dispatch_dropless` on them with the whole expert weights
-  (gathered from their FSDP shards on the way in, the usual ZeRO-3 gather; their gradients summed on the way
-  back). For TPU targets, whose grouped-matmul kernel XLA cannot partition by itself."""
-  mesh = jax.sharding.get_abstract_mesh()
-  tok = P(mesh_axes(TOKEN_AXES, mesh=mesh, size=x_TD.shape[0]) or None, None)
-  has_replay = replay_TK is not None
-  replay = replay_TK if has_replay else jnp.zeros((x_TD.shape[0], k), jnp.int32)
-
-  def body(x, logits, bias, rep, g, u, d):
-    r = route_fn(logits, bias, rep if has_replay else None)
-    return dispatch_dropless(x, r, g, u, d), tuple(r)
-
-  w = P(None, None, None)
-  fn = jax.shard_map(
-    body, mesh=mesh, check_vma=False, in_specs=(tok, tok, P(None), tok, w, w, w), out_specs=(tok, (tok, tok, tok))
-  )
-  y, r = fn(x_TD, logits_TE, bias_E, replay, gate_EDI, up_EDI, down_EID)
-  return y, Routing(*r)
+  """Dropless without expert parallelism, device by device: each device routes its own tokens (split like the
+  activations' rows) and runs `dispatch_dropless` on them with the whole expert weights (gathered from their FSDP
+  shards on the way in, the usual ZeRO-3 gather; their gradients summed on the way back). For TPU targets, whose
+  grouped-matmul kernel XLA cannot partition by itself."""
+  tok = P(mesh_axes(TOKEN_AXES, size=x_TD.shape[0]) or None, None)
+  weights = (gate_EDI, up_EDI, down_EID)
+  return _per_device(x_TD, logits_TE, bias_E, replay_TK, route_fn, weights, k=k, tok=tok,
+                     w_specs=(P(None, None, None),) * 3, dispatch=dispatch_dropless)  # fmt: skip
 
 
 # ------------------------------------------------------------------ the layer
