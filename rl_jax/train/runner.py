@@ -84,7 +84,8 @@ class Hook(NamedTuple):
   """`fn(ctx, step, metrics)` after every `every`-th step (0: none but the last), after the run's last step,
   and with `first` after step 1. A `state` hook runs as soon as its step is dispatched, with `ctx.state` at
   that step (checkpoints, evals: they may wait for the device); the others run once the next step is
-  dispatched, so reading the metrics never leaves the device idle."""
+  dispatched, so reading the metrics never leaves the device idle (at a step where a `state` hook is due, the
+  step's own row is written first: a checkpoint never gets ahead of its metrics)."""
 
   fn: Callable[[Context, int, dict], None]
   every: int
@@ -235,6 +236,9 @@ def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hoo
           done, pending = pending, None
           _call(on_metrics, ctx, *done, last)
         pending = (step, metrics)
+        if any(h.due(step, last) for h in on_state):  # a checkpoint: its step's row goes first, or a kill
+          done, pending = pending, None  # between the two would resume past a row never written
+          _call(on_metrics, ctx, *done, last)
         _call(on_state, ctx, step, metrics, last)
         if sigterm.count:
           done, pending = pending, None
