@@ -28,6 +28,9 @@ V3=(--config plan/v3_671b_pretrain)
 # tiny presets on v5e:2x2
 want tiny_pretrain && run tiny_pretrain --config pretrain_tiny --topology v5e:2x2
 want tiny_grpo && run tiny_grpo --config grpo_r1zero_tiny --stage grpo --topology v5e:2x2 model=tiny-moe
+# TPU7x needs a newer libtpu than jax 0.10's (jax 0.12, Python 3.13); tiny_pretrain_tpu7x.{txt,json} came from
+#   python3.13 -m venv v13 && v13/bin/pip install -e ".[tpu]" &&
+#   v13/bin/rl-jax plan --config pretrain_tiny --topology tpu7x:2x2x1 --json benchmarks/plans/tiny_pretrain_tpu7x.json
 # scanned compile time against depth, and the unrolled stack (same model, mesh and batch, v5p-256)
 want v3_4l_scanned && run v3_4l_scanned "${V3[@]}" --topology v5p-256 model.num_hidden_layers=4
 want v3_4l_unrolled && run v3_4l_unrolled "${V3[@]}" --topology v5p-256 model.num_hidden_layers=4 model.scan_layers=false
