@@ -1,6 +1,6 @@
 """Per-device bytes of every state leaf on 8 simulated devices equal its analytic share: the training state
-(parameters, router bias, AdamW moments with the masked weight decay, GRPO's reference model), the distillation
-teacher, the reward model and the sampler's cache.
+(parameters, router bias, AdamW moments with the masked weight decay, GRPO's reference model, also on a mesh with
+a sequence axis), the distillation teacher, the reward model and the sampler's cache.
 
 Equality of 1 and 8 devices (tests/test_train_mesh.py) cannot see a replicated optimizer state: the values
 agree either way. Here each leaf's shard is compared with nbytes / (the product of the mesh axes its logical
@@ -106,6 +106,17 @@ assert cache
 for leaf in cache:
   for shard in leaf.addressable_shards:
     assert shard.data.nbytes == leaf.nbytes // 4, (leaf.shape, shard.data.nbytes, leaf.sharding.spec)
+
+# A SEQUENCE AXIS is more FSDP for the state (else the whole state is held `sequence` times over)
+MESH = dict(data=1, fsdp=2, expert=2, tensor=1, sequence=2)
+RULES.update({k: (*RULES[k], "sequence") for k in ("embed", "q_lora", "kv_lora")})
+seq_mesh = make_mesh(**MESH)
+with jax.set_mesh(seq_mesh):
+  _, state, _ = S.init_state(mcfg, tx, seq_mesh, ref=True)
+assert max(ways(a) for a in axes_of.values()) == 8
+check(state.params, axes_of, "params (sequence mesh)", n_params - len(jax.tree.leaves(state.bias)))
+check(state.opt_state, axes_of, "optimizer state (sequence mesh)", 2 * len(jax.tree.leaves(state.params)))
+check(state.ref, axes_of, "GRPO reference model (sequence mesh)", len(jax.tree.leaves(state.params)))
 print("OK")
 """
 
