@@ -43,10 +43,12 @@ want v3_pretrain_v5p256 && run v3_pretrain_v5p256 "${V3[@]}" --topology v5p-256
 want v3_search_v5p256 && run v3_search_v5p256 "${V3[@]}" --topology v5p-256 --search --top 3
 want v3_search_v5p128 && run v3_search_v5p128 "${V3[@]}" --topology v5p-128 --search --top 2 train.batch_size=64
 # DeepSeek-V3 671B GRPO, the sampler colocated
-want v3_grpo_v5p256 && run v3_grpo_v5p256 --config plan/v3_671b_grpo --stage grpo --topology v5p-256
-want v3_grpo_v5p512 && run v3_grpo_v5p512 --config plan/v3_671b_grpo --stage grpo --topology v5p-512 mesh.fsdp=32 train.grad_accum=1
-want v3_grpo_v5p256_seq4 && run v3_grpo_v5p256_seq4 --config plan/v3_671b_grpo --stage grpo --topology v5p-256 \
-  mesh.fsdp=4 mesh.sequence=4 train.grad_accum=8
+# (the config's mesh: fsdp=4 expert=8 sequence=4; then the pretraining mesh on v5p-256, and on v5p-512)
+want v3_grpo_v5p256_seq4 && run v3_grpo_v5p256_seq4 --config plan/v3_671b_grpo --stage grpo --topology v5p-256
+want v3_grpo_v5p256 && run v3_grpo_v5p256 --config plan/v3_671b_grpo --stage grpo --topology v5p-256 \
+  mesh.fsdp=16 mesh.sequence=1 train.grad_accum=2
+want v3_grpo_v5p512 && run v3_grpo_v5p512 --config plan/v3_671b_grpo --stage grpo --topology v5p-512 \
+  mesh.fsdp=32 mesh.sequence=1 train.grad_accum=1
 # R1-Distill-Qwen-7B-shaped GRPO on 8 chips of v6e and v5e
 want qwen7b_grpo_v6e && run qwen7b_grpo_v6e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v6e:2x4
 want qwen7b_grpo_v5e && run qwen7b_grpo_v5e --config plan/r1_distill_qwen_7b_grpo --stage grpo --topology v5e:2x4
