@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -190,6 +191,32 @@ def test_sigterm_handler_is_the_loops_only():
     assert got == ["previous"]
   finally:
     signal.signal(signal.SIGTERM, prev)
+
+
+def test_sigterm_at_a_checkpoint_step_logs_then_saves_once(tmp_path):
+  """SIGTERM during a step that is also a periodic checkpoint: its row is written once, before that save, and the
+  save is not repeated (the loop itself, with stand-in hooks)."""
+  from rl_jax.train import runner
+
+  events = []
+
+  def step_fn(state, batch):
+    if state + 1 == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return state + 1, {"loss": 1.0}
+
+  def save(ctx, step, metrics):
+    events.append(("save", step))
+    ctx.saved = step
+
+  ctx = types.SimpleNamespace(
+    run=types.SimpleNamespace(train=types.SimpleNamespace(steps=6)), start=0, run_dir=str(tmp_path), stage="test",
+    state=0, saved=None, ckpt_dir=str(tmp_path / "checkpoints"), mngr=types.SimpleNamespace(wait_until_finished=dict),
+  )  # fmt: skip
+  hooks = [runner.Hook(lambda c, step, m: events.append(("row", step)), 1), runner.Hook(save, 2, state=True)]
+  with pytest.raises(runner.Preempted):
+    runner.run_loop(ctx, step_fn, iter(range(6)), hooks)
+  assert events == [("row", 1), ("row", 2), ("save", 2)]
 
 
 # ------------------------------------------------------------------------------------------ GRPO

@@ -228,29 +228,29 @@ def run_loop(ctx: Context, step_fn: Callable, batches: Iterator, hooks: list[Hoo
   lead = jax.process_index() == 0
   ctx.writer = report.MetricsWriter(ctx.run_dir, total_steps=last, start_step=ctx.start, enabled=lead, desc=ctx.stage)
   pending = None
+
+  def flush():  # the metrics hooks of the step waiting for them, if one is
+    nonlocal pending
+    if pending is not None:
+      done, pending = pending, None
+      _call(on_metrics, ctx, *done, last)
+
   try:
     with _sigterm_flag() as sigterm:
       for step in range(ctx.start + 1, last + 1):
         ctx.state, metrics = step_fn(ctx.state, next(batches))
-        if pending is not None:  # the previous step's metrics: the device already has this step to run
-          done, pending = pending, None
-          _call(on_metrics, ctx, *done, last)
+        flush()  # the previous step's metrics: the device already has this step to run
         pending = (step, metrics)
-        if any(h.due(step, last) for h in on_state):  # a checkpoint: its step's row goes first, or a kill
-          done, pending = pending, None  # between the two would resume past a row never written
-          _call(on_metrics, ctx, *done, last)
+        if any(h.due(step, last) for h in on_state):
+          flush()  # a checkpoint's row goes first: a kill between the two would resume past a row never written
         _call(on_state, ctx, step, metrics, last)
         if sigterm.count:
-          done, pending = pending, None
-          _call(on_metrics, ctx, *done, last)  # its row and progress, before the checkpoint they belong to
+          flush()  # its row and progress, before the checkpoint they belong to
           _save_and_exit(ctx, step, metrics)
-    if pending is not None:
-      done, pending = pending, None
-      _call(on_metrics, ctx, *done, last)
+    flush()
   except BaseException:
-    if pending is not None:  # a crash in the next step: the finished step's row is not lost (best effort)
-      with contextlib.suppress(Exception):
-        _call(on_metrics, ctx, *pending, last)
+    with contextlib.suppress(Exception):  # a crash in the next step: the finished step's row is not lost
+      flush()
     raise
   finally:
     ctx.writer.close()
