@@ -94,7 +94,7 @@ def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
   mcfg = model_config(run).replace(param_dtype=run.train.param_dtype, dtype=run.train.compute_dtype)
   rows, T = _rows_and_len(run, stage)
   chip, n = target.chip, len(target.devices)
-  seq_ok = stage in TRAIN_STAGES and T >= 4096
+  seq_ok = stage != "sample" and T >= 4096  # long rows: GRPO's update too (the sampler never splits T)
   copies = {"grpo": 3.0 + (run.grpo.beta > 0), "sample": 1.0}.get(stage, 3.0)  # params + 2 moments (+ reference)
   flops = mcfg.flops_per_token(T, mtp=False) * rows * T
   leaves = model_leaves(mcfg)
@@ -110,8 +110,9 @@ def candidates(run: RunConfig, stage: str, target: topo.Target) -> list[dict]:
         passes = 3 if remat else 2  # forward (+ its recomputation) and backward
         # + the gradients and the update's intermediates, ~3 parameter-sized trees
         mem = state + 3 * state / copies + activation_bytes(mcfg, shape, rows, accum, T, remat)
-        # FSDP gathers each micro-batch's weights per pass; tensor parallelism all-reduces two activations a layer
-        gather = state / copies * (shape["fsdp"] * shape["expert"] - 1) * accum * passes
+        # FSDP (over fsdp, expert and sequence: the rules) gathers each micro-batch's weights per pass; tensor
+        # parallelism all-reduces two activations a layer
+        gather = state / copies * (shape["fsdp"] * shape["expert"] * shape.get("sequence", 1) - 1) * accum * passes
         tokens = rows * T / (shape["data"] * shape["fsdp"] * shape["expert"] * shape.get("sequence", 1))
         tp = 2 * mcfg.num_hidden_layers * passes * tokens * mcfg.hidden_size * 2 * (1 - 1 / shape["tensor"])
         # expert parallelism: each MoE layer and pass sends and receives its padded row buffer (n x the rows)

@@ -188,7 +188,7 @@ def run(mesh):
 
 
 ref_m, ref_p, _ = run(make_mesh(devices=jax.devices()[:1]))
-for sizes in (dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=4, tensor=2)):
+for sizes in (dict(data=2, fsdp=2, expert=2), dict(data=1, fsdp=4, tensor=2), dict(fsdp=2, expert=2, sequence=2)):
   m, p, state = run(make_mesh(**sizes))
   gate = state.params["moe_layers"]["mlp"]["gate"].get_value()
   assert len(gate.sharding.device_set) == 8 and gate.addressable_shards[0].data.shape != gate.shape
@@ -203,8 +203,9 @@ print("DONE")
 
 
 def test_update_on_8_devices_equals_one_device():
-  """The jitted update sharded over (data, fsdp, expert) and (fsdp, tensor) meshes: same metrics and parameters
-  as on one device after two steps, with minibatches, micro-batches, a reference model and routing replay."""
+  """The jitted update sharded over (data, fsdp, expert), (fsdp, tensor) and (fsdp, expert, sequence) meshes: same
+  metrics and parameters as on one device after two steps, with minibatches, micro-batches, a reference model and
+  routing replay (the sequence mesh: the rows' T split, the state sharded over that axis too)."""
   from tests._subproc import run_python
 
   proc = run_python(["-c", MESH_SCRIPT], n_devices=8, timeout=600)
